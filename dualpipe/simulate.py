@@ -1,0 +1,244 @@
+"""Price any schedule: ``simulate(schedule, costs) -> SimResult``.
+
+Model. Every rank runs its action list in order, one compute action at a time. A compute action starts
+when the rank is free and its inputs are there: a forward needs the previous stage's activation, a
+backward the next stage's gradient (local stages hand over in place). Sends are asynchronous (they never
+wait for compute) and a transfer starts once the data is sent *and* the receive is posted; it then takes
+``p2p_latency + activation_bytes / p2p_bandwidth`` (transfers do not queue behind each other on a link:
+pipeline traffic is far below link bandwidth). All ranks start at t = 0.
+
+Costs are seconds per action (per rank if a sequence is given), in the notation of the DeepSeek-V3
+report: ``f`` forward of one chunk, ``b`` its *full* backward (inputs and weights), ``w`` the weight part
+of ``b`` (so a split input-only backward costs ``b - w``), ``fb`` a forward and a full backward of two
+chunks run overlapped (default ``f + b``: no overlap gain).
+
+Results (``SimResult``): the timeline, the step time, per-rank busy time and bubble (step time - busy),
+peak in-flight activations per rank in units of one stage's activations for one micro-batch (counted
+from the start of F to the end of its input backward, the convention of DeepSeek-V3's Table 2; the
+count held until W is also reported), and parameter copies (stage modules per rank).
+
+DeepSeek-V3's Table 2 (bubble 1F1B (PP-1)(F+B), ZB1P (PP-1)(F+B-2W), DualPipe and DualPipeV
+(PP/2-1)(F&B+B-3W); activations PP, PP, PP+1, PP+1) comes out exactly as the largest per-rank bubble
+when the input backward costs as much as the forward (``b - w == f``), ``w <= f`` and
+``f + w <= fb <= f + b``: the regime those formulas are derived for (tests/dualpipe/test_schedules.py).
+Outside it the simulator is the reference and the formulas are approximations.
+
+    from dualpipe.schedules import build_dualpipe
+    from dualpipe.simulate import Costs, simulate
+    r = simulate(build_dualpipe(16, 40), Costs(f=1.13, b=1.99, w=0.48, fb=2.9))
+    r.step_time, max(r.bubble), max(r.peak_activations)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dualpipe.schedules import Action, Op, Schedule, ScheduleError, message_key
+from dualpipe.trace import Event, plot_timelines, write_chrome_trace
+
+
+class DeadlockError(ScheduleError):
+    """No rank can make progress although some still have work: names each blocked rank's next action."""
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Seconds per action on one rank (see the module docstring for the notation)."""
+
+    f: float
+    b: float
+    w: float = 0.0
+    fb: float | None = None
+    p2p_latency: float = 0.0
+    p2p_bandwidth: float = math.inf
+    activation_bytes: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("f", "b", "w", "p2p_latency", "activation_bytes"):
+            v = getattr(self, name)
+            if not (v >= 0 and math.isfinite(v)):
+                raise ValueError(f"Costs.{name}={v!r} must be finite and >= 0")
+        if self.w > self.b:
+            raise ValueError(
+                f"Costs.w={self.w} must be <= b={self.b} (w is the weight part of the full backward)"
+            )
+        if self.fb is not None and not (self.fb >= 0 and math.isfinite(self.fb)):
+            raise ValueError(f"Costs.fb={self.fb!r} must be finite and >= 0")
+        if not self.p2p_bandwidth > 0:
+            raise ValueError(f"Costs.p2p_bandwidth={self.p2p_bandwidth!r} must be > 0 (bytes per second)")
+
+    @property
+    def overlapped(self) -> float:
+        return self.f + self.b if self.fb is None else self.fb
+
+    @property
+    def transfer(self) -> float:
+        return self.p2p_latency + self.activation_bytes / self.p2p_bandwidth
+
+    def duration(self, op: Op) -> float:
+        return {Op.F: self.f, Op.B: self.b - self.w, Op.W: self.w, Op.BW: self.b, Op.FB: self.overlapped}[op]
+
+
+@dataclass
+class SimResult:
+    schedule: str
+    num_ranks: int
+    num_microbatches: int
+    timeline: list[Event]
+    transfers: list[Event]
+    step_time: float
+    busy: list[float]
+    bubble: list[float]
+    peak_activations: list[int]
+    peak_activations_until_w: list[int]
+    param_copies: int
+    model_copies: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def bubble_fraction(self) -> float:
+        """Largest per-rank bubble as a fraction of the step time."""
+        return max(self.bubble) / self.step_time if self.step_time > 0 else 0.0
+
+    def write_chrome_trace(self, path: str | Path) -> Path:
+        return write_chrome_trace(self.timeline + self.transfers, path, name=f"{self.schedule} (simulated)")
+
+    def plot(self, path: str | Path, measured: Sequence[Event] | None = None) -> Path:
+        panels = {f"{self.schedule} simulated": self.timeline}
+        if measured is not None:
+            panels[f"{self.schedule} measured"] = list(measured)
+        title = (
+            f"{self.schedule}: {self.num_ranks} ranks, {self.num_microbatches} micro-batches, "
+            f"step {self.step_time:.4g} s, bubble {self.bubble_fraction:.1%}"
+        )
+        return plot_timelines(panels, path, title=title)
+
+
+def _per_rank(costs: Costs | Sequence[Costs], n: int) -> list[Costs]:
+    if isinstance(costs, Costs):
+        return [costs] * n
+    costs = list(costs)
+    if len(costs) != n or not all(isinstance(c, Costs) for c in costs):
+        raise ValueError(
+            f"costs must be one Costs or a sequence of {n} Costs (one per rank), got {len(costs)}"
+        )
+    return costs
+
+
+def simulate(schedule: Schedule, costs: Costs | Sequence[Costs], *, check: bool = True) -> SimResult:
+    """Run ``schedule`` on the cost model; raise ``DeadlockError`` if it cannot finish.
+
+    ``check``: validate the schedule first (``validate_schedule``, which itself simulates with unit
+    costs; pass ``check=False`` for schedules already validated).
+    """
+    if check:
+        from dualpipe.schedules import validate_schedule
+
+        validate_schedule(schedule)
+    s = schedule
+    per_rank = _per_rank(costs, s.num_ranks)
+    n = s.num_ranks
+    pos = [0] * n
+    clock = [0.0] * n
+    busy = [0.0] * n
+    live = [0] * n
+    live_w = [0] * n
+    peak = [0] * n
+    peak_w = [0] * n
+    sent: dict[tuple, tuple[float, int]] = {}
+    posted: dict[tuple, float] = {}
+    arrival: dict[tuple, float] = {}
+    finished: dict[tuple[str, int, int], float] = {}  # ('F'|'B', stage, mb) -> end time
+    timeline: list[Event] = []
+    transfers: list[Event] = []
+
+    def deliver(key: tuple) -> None:
+        if key in sent and key in posted and key not in arrival:
+            t_send, src = sent[key]
+            t0 = max(t_send, posted[key])
+            arrival[key] = t0 + per_rank[src].transfer
+            op = "SEND_F" if key[0] == "F" else "SEND_B"
+            transfers.append(Event(src, op, key[1], key[2], t0, arrival[key]))
+
+    def ready_time(rank: int, kind: str, st: int, mb: int) -> float | None:
+        """When the input of F/B part (st, mb) is available on ``rank``; None if not yet known."""
+        other = s.prev_stage(st) if kind == "F" else s.next_stage(st)
+        if other is None:
+            return 0.0
+        if s.stage_rank[other] == rank:
+            return finished.get((kind, other, mb))
+        return arrival.get((kind, st, mb))
+
+    progressed = True
+    while progressed:
+        progressed = False
+        for r in range(n):
+            acts = s.actions[r]
+            while pos[r] < len(acts):
+                a = acts[pos[r]]
+                if a.op in (Op.SEND_F, Op.SEND_B):
+                    key = message_key(a, s)
+                    sent[key] = (clock[r], r)
+                    deliver(key)
+                elif a.op in (Op.RECV_F, Op.RECV_B):
+                    key = message_key(a, s)
+                    posted[key] = clock[r]
+                    deliver(key)
+                else:
+                    needs = []
+                    if a.op in (Op.F, Op.FB):
+                        needs.append(("F", a.stage, a.mb))
+                    if a.op in (Op.B, Op.BW):
+                        needs.append(("B", a.stage, a.mb))
+                    if a.op is Op.FB:
+                        needs.append(("B", a.stage2, a.mb2))
+                    times = [ready_time(r, *nd) for nd in needs]
+                    if any(t is None for t in times):
+                        break
+                    start = max([clock[r], *times])
+                    end = start + per_rank[r].duration(a.op)
+                    _account(a, live, live_w, peak, peak_w, r)
+                    for kind, st, mb in needs:
+                        finished[(kind, st, mb)] = end
+                    clock[r] = end
+                    busy[r] += end - start
+                    timeline.append(Event(r, a.op.value, a.stage, a.mb, start, end, a.stage2, a.mb2))
+                pos[r] += 1
+                progressed = True
+    stuck = [r for r in range(n) if pos[r] < len(s.actions[r])]
+    if stuck:
+        lines = [f"rank {r} waits at #{pos[r]} {s.actions[r][pos[r]]}" for r in stuck]
+        raise DeadlockError(f"{s.name} (pp={n}, m={s.num_microbatches}) deadlocks:\n  " + "\n  ".join(lines))
+    step = max(clock) if n else 0.0
+    per_rank_stages = [len(s.local_stages(r)) for r in range(n)]
+    return SimResult(
+        schedule=s.name,
+        num_ranks=n,
+        num_microbatches=s.num_microbatches,
+        timeline=timeline,
+        transfers=transfers,
+        step_time=step,
+        busy=busy,
+        bubble=[step - b for b in busy],
+        peak_activations=peak,
+        peak_activations_until_w=peak_w,
+        param_copies=max(per_rank_stages, default=0),
+        model_copies=s.num_stages // max(1, s.num_model_stages),
+    )
+
+
+def _account(a: Action, live: list, live_w: list, peak: list, peak_w: list, r: int) -> None:
+    """In-flight activation counts in program order: F adds one at its start; the input backward frees
+    it at its end (``live``); ``live_w`` keeps it until the weight gradient is done."""
+    if a.op in (Op.F, Op.FB):
+        live[r] += 1
+        live_w[r] += 1
+        peak[r] = max(peak[r], live[r])
+        peak_w[r] = max(peak_w[r], live_w[r])
+    if a.op in (Op.B, Op.BW, Op.FB):
+        live[r] -= 1
+    if a.op in (Op.W, Op.BW, Op.FB):
+        live_w[r] -= 1
