@@ -1,0 +1,385 @@
+"""One rank's training loop for any PP x DP x EP layout (the process group already exists).
+
+    result = train(spec)            # spec: RunSpec (model, layout, train settings, precision, logger)
+    result["losses"]                # the global mean loss of every step, identical on every rank
+
+Per step: the step's global batch (a pure function of seed and step, data.py) is cut into ``dp * ep``
+shards, this rank's shard into ``num_chunks`` micro-batches; forward/backward runs them (through the
+pipeline runtime when pp > 1), then gradients are averaged over the data-parallel replicas, clipped by
+their global norm, AdamW steps, and the routers' balancing biases move by the sign of the global expert
+load error. The loss of each micro-batch is scaled by 1 / num_chunks and gradients are averaged over the
+``dp * ep`` shards, so every layout computes the gradient of the same global mean loss as one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.profiler import record_function
+
+from examples.deepseek_v3 import checkpoint as ckpt
+from examples.deepseek_v3.config import ModelConfig
+from examples.deepseek_v3.data import TokenCorpus, shard_rows
+from examples.deepseek_v3.layout import Groups, Layout, build_groups, check_layout
+from examples.deepseek_v3.metrics import flops_per_token, peak_flops
+from examples.deepseek_v3.model import build_model, layer_ranges, lm_loss, split_stages
+from examples.deepseek_v3.moe import V3Gate
+
+PRECISIONS = ("fp32", "bf16", "fp8")
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 60
+    batch_size: int = 8  # sequences per step, whole job
+    seq_len: int = 64
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    mtp_weight: float = 0.3
+    bias_update_speed: float = 1e-3  # aux-loss-free balancing rate (DeepSeek-V3: 0.001)
+    seed: int = 0
+    data_path: str | None = None
+    log_every: int = 10
+    ckpt_every: int = 0  # 0: no checkpoints
+    ckpt_dir: str | None = None
+    keep_ckpts: int = 2
+    resume: bool = True
+    profile_start: int = -1  # first profiled step (-1: no profiling)
+    profile_steps: int = 2
+    peak_tflops: float | None = None
+    crash_in_checkpoint_at: int = -1  # tests only: the process dies while writing this step's checkpoint
+
+
+@dataclass
+class RunSpec:
+    model: ModelConfig
+    layout: Layout
+    train: TrainSettings = field(default_factory=TrainSettings)
+    precision: str = "fp32"
+    out_dir: str = "."
+    wandb: dict | None = None  # {"project": ..., "mode": ...} to enable
+
+
+def lr_at(t: TrainSettings, step: int) -> float:
+    """Linear warmup to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at ``steps``."""
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    frac = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * min(1.0, frac)))
+
+
+def _is_expert_param(name: str) -> bool:
+    return ".experts." in name
+
+
+class RankModel:
+    """This rank's stages (m0[, m1]), built from the whole model so every layout starts identical."""
+
+    def __init__(self, spec: RunSpec, rank: int, groups: Groups | None, device: torch.device):
+        cfg, lay = spec.model, spec.layout
+        self.spec, self.rank, self.groups, self.device = spec, rank, groups, device
+        self.pp_rank, self.dp_rank, self.ep_rank = lay.coords(rank)
+        full = build_model(cfg, seed=spec.train.seed)
+        ranges = layer_ranges(cfg.n_layers, lay.num_stages)
+        self.stage_ids = lay.stages_of(self.pp_rank)
+        by_id = split_stages(full, ranges, keep=self.stage_ids)
+        self.stages: list[nn.Module] = [by_id[i] for i in self.stage_ids]
+        del full
+        if lay.ep > 1:
+            raise NotImplementedError("expert parallelism waits for moe_comm's MoELayer / Dispatcher")
+        if spec.precision == "fp8":
+            from fp8 import convert_to_fp8
+
+            for st in self.stages:
+                convert_to_fp8(st)
+        for st in self.stages:
+            st.to(device)
+            st.train()
+        # DualPipe holds two mirrored copies of different stages; every stage lives on one rank as m0.
+        self.owned = self.stages[:1] if lay.schedule == "dualpipe" and lay.pp > 1 else self.stages
+        self.params = [p for st in self.stages for p in st.parameters()]
+        self.gates = [m for st in self.stages for m in st.modules() if isinstance(m, V3Gate)]
+
+    def named_params(self, stages: list[nn.Module] | None = None):
+        for st in stages if stages is not None else self.stages:
+            yield from st.named_parameters()
+
+
+def _all_reduce_grads(params: list[torch.Tensor], group: dist.ProcessGroup | None, divide: int) -> None:
+    """Sum the gradients over ``group`` in one flat buffer, then divide (gloo and NCCL alike)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    if group is not None:
+        dist.all_reduce(flat, group=group)
+    if divide != 1:
+        flat.div_(divide)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+class Trainer:
+    def __init__(self, spec: RunSpec):
+        self.spec = spec
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.distributed else 0
+        world = dist.get_world_size() if self.distributed else 1
+        t, lay = spec.train, spec.layout
+        check_layout(lay, spec.model, world, t.batch_size, t.seq_len)
+        if spec.precision not in PRECISIONS:
+            raise ValueError(f"precision={spec.precision!r} must be one of {PRECISIONS}")
+        self.groups = build_groups(lay) if self.distributed else None
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            self.device = torch.device("cpu")
+        self.model = RankModel(spec, self.rank, self.groups, self.device)
+        _, dp_rank, ep_rank = lay.coords(self.rank)
+        self.shard = dp_rank * lay.ep + ep_rank
+        self.corpus = TokenCorpus.load(t.data_path, spec.model.vocab_size)
+        decay = [p for n, p in self.model.named_params() if p.dim() >= 2]
+        no_decay = [p for n, p in self.model.named_params() if p.dim() < 2]
+        self.opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=t.lr,
+            betas=(t.beta1, t.beta2),
+            foreach=False,
+        )
+        self.state = ckpt.training_state(self.model.stages, self.opt)
+        self.start_step = 0
+        if t.ckpt_dir and t.resume:
+            found = ckpt.latest_checkpoint(t.ckpt_dir)
+            if found is not None:
+                meta = ckpt.load_checkpoint(found[0], self.state)
+                self.start_step = int(meta["step"])
+        self.pipeline = None
+        if lay.pp > 1:
+            raise NotImplementedError("pipeline parallelism waits for the dualpipe runtime")
+
+    # ---- one step ---------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.spec.precision in ("bf16", "fp8"):
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _forward_backward(self, tokens: torch.Tensor) -> tuple[float, int]:
+        """Run this rank's share of the step; returns (sum of unscaled chunk losses here, their count)."""
+        lay, t = self.spec.layout, self.spec.train
+        scale = 1.0 / lay.num_chunks
+        total, count = 0.0, 0
+        model = self.model.stages[0]
+        for mb in tokens.chunk(lay.num_chunks):
+            with record_function("F"), self._autocast():
+                loss = lm_loss(*model(mb[:, :-1]), targets=mb[:, 1:], mtp_weight=t.mtp_weight)
+            with record_function("B"):
+                (loss * scale).backward()
+            total += loss.item()
+            count += 1
+        return total, count
+
+    def _reduce_and_clip(self) -> float:
+        lay, g = self.spec.layout, self.groups
+        dense = [p for n, p in self.model.named_params() if not _is_expert_param(n)]
+        experts = [p for n, p in self.model.named_params() if _is_expert_param(n)]
+        with record_function("grad_allreduce"):
+            _all_reduce_grads(dense, g.data if g else None, lay.data_shards)
+            _all_reduce_grads(experts, g.dp if g else None, lay.data_shards)
+        # Global norm: each parameter counted once over the whole job (dense replicas over dp*ep,
+        # expert replicas over dp, DualPipe's mirrored copies over 2).
+        owned = list(self.model.named_params(self.model.owned))
+        sq = torch.zeros((), dtype=torch.float64)
+        for n, p in owned:
+            if p.grad is not None:
+                w = lay.dp if _is_expert_param(n) else lay.data_shards
+                sq += p.grad.detach().double().pow(2).sum().cpu() / w
+        if self.distributed:
+            dist.all_reduce(sq)
+        norm = float(sq.sqrt())
+        if self.spec.train.grad_clip > 0:
+            coef = min(1.0, self.spec.train.grad_clip / (norm + 1e-6))
+            if coef < 1.0:
+                for p in self.model.params:
+                    if p.grad is not None:
+                        p.grad.mul_(coef)
+        return norm
+
+    def _update_router_bias(self) -> None:
+        gates = self.model.gates
+        if not gates or self.spec.train.bias_update_speed == 0:
+            return
+        load = torch.stack([gt.load for gt in gates])
+        if self.groups is not None and self.groups.data is not None:
+            dist.all_reduce(load, group=self.groups.data)
+        for gt, ld in zip(gates, load):
+            gt.update_bias(ld, self.spec.train.bias_update_speed)
+            gt.load.zero_()
+
+    def step(self, step: int) -> dict[str, float]:
+        t, lay = self.spec.train, self.spec.layout
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(t, step)
+        batch = self.corpus.global_batch(step, t.batch_size, t.seq_len, seed=t.seed)
+        tokens = shard_rows(batch, self.shard, lay.data_shards).to(self.device)
+        total, count = self._forward_backward(tokens)
+        norm = self._reduce_and_clip()
+        with record_function("optimizer"):
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        self._update_router_bias()
+        stats = torch.tensor([total, count], dtype=torch.float64)
+        if self.distributed:
+            dist.all_reduce(stats)
+        return {"loss": float(stats[0] / stats[1]), "grad_norm": norm, "lr": lr_at(t, step)}
+
+    def save(self, step: int, meta: dict) -> None:
+        t = self.spec.train
+        writer = None
+        if t.crash_in_checkpoint_at == step:
+            writer = _CrashingWriter(ckpt.checkpoint_path(t.ckpt_dir, step))
+        ckpt.save_checkpoint(
+            t.ckpt_dir, step, self.state, meta=meta, keep=t.keep_ckpts, storage_writer=writer
+        )
+
+
+class _CrashingWriter(torch.distributed.checkpoint.FileSystemWriter):
+    """Test fault: writes this rank's data files, then the process dies before DCP's metadata and marker."""
+
+    def write_data(self, plan, planner):
+        fut = super().write_data(plan, planner)
+        fut.wait()
+        import os
+
+        os._exit(17)
+
+
+def train(spec: RunSpec, progress: bool = True) -> dict[str, Any]:
+    """Train on this rank; returns {"losses": [...], "start_step": s, "tokens_per_s": ..., ...}."""
+    tr = Trainer(spec)
+    t, lay = spec.train, spec.layout
+    rank0 = tr.rank == 0
+    tokens_per_step = t.batch_size * t.seq_len
+    fpt = flops_per_token(spec.model, t.seq_len)
+    peak, peak_src = peak_flops(tr.device, t.peak_tflops)
+    world = lay.world_size
+    logger = _Logger(spec, rank0 and progress, tr.start_step)
+    losses: list[float] = []
+    grad_norms: list[float] = []
+    window_t0, window_steps = time.perf_counter(), 0
+    prof = None
+    last: dict[str, float] = {}
+    for step in range(tr.start_step, t.steps):
+        if step == t.profile_start:
+            prof = _start_profiler(tr.device)
+        m = tr.step(step)
+        if prof is not None and step == t.profile_start + t.profile_steps - 1:
+            prof.stop()
+            prof.export_chrome_trace(str(Path(spec.out_dir) / f"trace_rank{tr.rank}.json"))
+            prof = None
+        losses.append(m["loss"])
+        grad_norms.append(m["grad_norm"])
+        window_steps += 1
+        logger.bar(m)
+        if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
+            dt = time.perf_counter() - window_t0
+            tps = tokens_per_step * window_steps / dt
+            last = {
+                **m,
+                "step": step + 1,
+                "tokens_per_s": tps,
+                "mfu": fpt * tps / (peak * world),
+                "bubble": 0.0,
+            }
+            logger.log(last)
+            window_t0, window_steps = time.perf_counter(), 0
+        if t.ckpt_dir and t.ckpt_every and (step + 1) % t.ckpt_every == 0:
+            tr.save(step + 1, {"loss": m["loss"]})
+            window_t0 = time.perf_counter()  # checkpoint time is not training throughput
+    if prof is not None:
+        prof.stop()
+    logger.close()
+    return {
+        "losses": losses,
+        "grad_norms": grad_norms,
+        "start_step": tr.start_step,
+        "last": last,
+        "peak_source": peak_src,
+    }
+
+
+def _start_profiler(device: torch.device):
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    prof = torch.profiler.profile(activities=acts)
+    prof.start()
+    return prof
+
+
+class _Logger:
+    """tqdm bar and metric lines on rank 0; wandb when enabled (imported lazily, offline without a key)."""
+
+    def __init__(self, spec: RunSpec, active: bool, start: int):
+        self.active, self.bar_ = active, None
+        self.run = None
+        if not active:
+            return
+        from tqdm import tqdm
+
+        self.bar_ = tqdm(total=spec.train.steps, initial=start, desc="train", dynamic_ncols=True)
+        if spec.wandb:
+            self.run = _wandb_init(spec)
+
+    def bar(self, m: dict) -> None:
+        if self.bar_ is not None:
+            self.bar_.set_postfix(loss=f"{m['loss']:.3f}")
+            self.bar_.update(1)
+
+    def log(self, m: dict) -> None:
+        if not self.active:
+            return
+        line = (
+            f"step {m['step']:>5} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | "
+            f"{m['tokens_per_s']:,.0f} tok/s | "
+            f"MFU {100 * m['mfu']:.2f}% | bubble {100 * m['bubble']:.1f}%"
+        )
+        if "hidden" in m:
+            line += f" | comm hidden {100 * m['hidden']:.0f}%"
+        self.bar_.write(line)
+        if self.run is not None:
+            self.run.log(m, step=m["step"])
+
+    def close(self) -> None:
+        if self.bar_ is not None:
+            self.bar_.close()
+        if self.run is not None:
+            self.run.finish()
+
+
+def _wandb_init(spec: RunSpec):
+    import os
+
+    try:
+        import wandb
+    except ImportError as e:
+        raise ImportError(
+            "logger=wandb needs the wandb package: pip install wandb (or -e '.[examples]')"
+        ) from e
+    cfg = dict(spec.wandb or {})
+    mode = cfg.pop("mode", None) or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    return wandb.init(mode=mode, dir=spec.out_dir, config={"model": vars(spec.model)}, **cfg)
