@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from examples.deepseek_v3.config import ModelConfig
 
-SCHEDULES = ("dualpipev", "dualpipe", "1f1b")
+SCHEDULES = ("dualpipev", "dualpipe", "1f1b", "zb1p")
 
 
 class ConfigError(ValueError):
@@ -45,7 +45,8 @@ class Layout:
 
     @property
     def num_stages(self) -> int:
-        """Model stages: DualPipeV folds 2 * pp stages into a V over pp ranks; the others use pp stages."""
+        """Model stages: DualPipeV folds 2 * pp stages into a V over pp ranks; the others use pp stages
+        (DualPipe holds two copies of each, one per direction)."""
         return 2 * self.pp if (self.pp > 1 and self.schedule == "dualpipev") else self.pp
 
     @property
@@ -63,7 +64,7 @@ class Layout:
         """Model stages held by a pipeline rank, in the order (m0, m1) the pipeline runtime expects.
 
         DualPipeV: stage r and its mirror 2pp-1-r (the V). DualPipe: stage r of the forward-direction
-        copy and stage pp-1-r of the reverse-direction copy. 1F1B / no pipeline: stage r.
+        copy and stage pp-1-r of the reverse-direction copy. 1F1B, ZB1P / no pipeline: stage r.
         """
         if self.pp == 1:
             return [0]
@@ -98,15 +99,16 @@ def check_layout(layout: Layout, cfg: ModelConfig, world_size: int, batch_size: 
             f"(parallel.pp={layout.pp}, schedule={layout.schedule}"
             + (": DualPipeV runs 2 * pp stages)" if stages != layout.pp else ")")
         )
-    if layout.schedule == "dualpipe" and layout.pp > 1 and layout.pp % 2 != 0:
-        raise ConfigError(f"parallel.pp={layout.pp} must be even for schedule=dualpipe")
-    if layout.pp > 1 and layout.schedule in ("dualpipe", "dualpipev") and layout.num_chunks < 2 * layout.pp:
-        raise ConfigError(
-            f"parallel.num_chunks={layout.num_chunks} must be >= 2 * parallel.pp = {2 * layout.pp} "
-            f"for schedule={layout.schedule}"
-        )
-    if layout.schedule == "dualpipe" and layout.pp > 1 and layout.num_chunks % 2 != 0:
-        raise ConfigError(f"parallel.num_chunks={layout.num_chunks} must be even for schedule=dualpipe")
+    if layout.pp > 1:  # the schedule builder's own rules (micro-batch counts, even pp for DualPipe)
+        from dualpipe.schedules import build
+
+        try:
+            build(layout.schedule, layout.pp, layout.num_chunks)
+        except ValueError as e:
+            raise ConfigError(
+                f"parallel.schedule={layout.schedule}, parallel.pp={layout.pp}, "
+                f"parallel.num_chunks={layout.num_chunks}: {e}"
+            ) from e
     per_shard, rem = divmod(batch_size, layout.data_shards)
     if rem or per_shard % layout.num_chunks:
         raise ConfigError(

@@ -93,7 +93,7 @@ def test_token_file_vocab_check(tmp_path):
         (
             Layout(pp=2, schedule="dualpipev", num_chunks=2),
             2,
-            r"num_chunks=2 must be >= 2 \* parallel.pp = 4",
+            r"num_microbatches=2 must be an int >= 4",
         ),
         (Layout(pp=2, schedule="zb", num_chunks=4), 2, r"parallel.schedule='zb' must be one of"),
         (Layout(dp=2, num_chunks=3), 2, r"train.batch_size=8 must be divisible"),
