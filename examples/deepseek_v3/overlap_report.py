@@ -12,7 +12,9 @@ Per rank, from the trace's complete ("X") events:
 - hidden fraction = |communication intersected with compute| / |communication| (interval unions, so
   concurrent transfers are not double counted); exposed = the rest: time when the rank only waits.
 It also totals the time inside each named span the pipeline and the MoE layers mark: F, B, W, F&B
-(overlapped forward and backward of two micro-batches), dispatch, combine.
+(overlapped forward and backward of two micro-batches), dispatch, combine; and the measured bubble:
+the part of the trainer's ``pipeline_step`` spans (one step's forward/backward work) during which the
+rank runs none of F, B, W, F&B.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 
 COMM_RE = re.compile(r"^(gloo:|nccl:)|nccl|ncclDevKernel|ncclKernel", re.IGNORECASE)
 SPANS = ("F", "B", "W", "F&B", "dispatch", "combine")
+STEP_SPAN = "pipeline_step"  # the trainer's span around one step's forward/backward work
 _SPAN_RE = re.compile(r"^(F&B|F|B|W|dispatch|combine)(\b|$|[^A-Za-z])")
 _NOT_COMPUTE = re.compile(r"^(c10d::|aten::to$|aten::_to_copy$|aten::item$|aten::_local_scalar_dense$)")
 
@@ -65,7 +68,7 @@ def span_kind(name: str) -> str | None:
 def rank_overlap(events: list[dict]) -> dict:
     """Overlap figures of one rank from its trace's events (dicts with name, ph, ts, dur, tid, cat)."""
     xs = [e for e in events if e.get("ph") == "X" and "dur" in e]
-    comm, spans = [], defaultdict(float)
+    comm, spans, busy, steps = [], defaultdict(float), [], []
     model_tids = set()
     for e in xs:
         name = str(e.get("name", ""))
@@ -75,8 +78,12 @@ def rank_overlap(events: list[dict]) -> dict:
         kind = span_kind(name) if e.get("cat") in ("user_annotation", "gpu_user_annotation") else None
         if kind:
             spans[kind] += iv[1] - iv[0]
+            if kind in ("F", "B", "W", "F&B"):
+                busy.append(iv)
             if e.get("cat") == "user_annotation":
                 model_tids.add(e.get("tid"))
+        elif name == STEP_SPAN and e.get("cat") == "user_annotation":
+            steps.append(iv)
     compute = []
     for e in xs:
         name = str(e.get("name", ""))
@@ -103,6 +110,8 @@ def rank_overlap(events: list[dict]) -> dict:
         "hidden_ms": hidden_t / 1e3,
         "exposed_ms": (comm_t - hidden_t) / 1e3,
         "hidden_fraction": hidden_t / comm_t if comm_t > 0 else None,
+        "step_ms": _length(_union(steps)) / 1e3,
+        "busy_ms": _length(_union(busy)) / 1e3,
         "spans_ms": {k: spans[k] / 1e3 for k in SPANS if k in spans},
     }
 
@@ -114,12 +123,19 @@ def overlap_report(traces: list[str | Path]) -> dict:
         m = re.search(r"rank(\d+)", Path(path).name)
         r = int(m.group(1)) if m else len(ranks)
         ranks[r] = rank_overlap(json.loads(Path(path).read_text())["traceEvents"])
-    comm = sum(v["comm_ms"] for v in ranks.values())
-    hidden = sum(v["hidden_ms"] for v in ranks.values())
+    return {"ranks": dict(sorted(ranks.items())), **aggregate(list(ranks.values()))}
+
+
+def aggregate(per_rank: list[dict]) -> dict:
+    """Job-wide figures: hidden fraction weighted by communication time, bubble by step time."""
+    comm = sum(v["comm_ms"] for v in per_rank)
+    hidden = sum(v["hidden_ms"] for v in per_rank)
+    step = sum(v["step_ms"] for v in per_rank)
+    busy = sum(v["busy_ms"] for v in per_rank)
     return {
-        "ranks": dict(sorted(ranks.items())),
         "comm_ms": comm,
         "hidden_fraction": hidden / comm if comm else None,
+        "bubble_fraction": max(0.0, 1 - busy / step) if step else None,
     }
 
 
@@ -134,7 +150,9 @@ def format_report(rep: dict) -> str:
         lines.append(
             f"{r:>4} {v['window_ms']:>10.1f} {v['compute_ms']:>10.1f} {v['comm_ms']:>8.1f} {hf:>7}  {spans}"
         )
-    hf = rep["hidden_fraction"]
+    hf, bub = rep["hidden_fraction"], rep.get("bubble_fraction")
+    if bub is not None:
+        lines.append(f"measured bubble (no F/B/W inside the step's pipeline work): {100 * bub:.1f}%")
     lines.append(
         f"communication hidden behind compute: {'n/a' if hf is None else f'{100 * hf:.1f}%'} "
         f"of {rep['comm_ms']:.1f} ms"

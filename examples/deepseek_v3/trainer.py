@@ -236,7 +236,8 @@ class Trainer:
             group["lr"] = lr_at(t, step)
         batch = self.corpus.global_batch(step, t.batch_size, t.seq_len, seed=t.seed)
         tokens = shard_rows(batch, self.shard, lay.data_shards).to(self.device)
-        total, count = self._forward_backward(tokens)
+        with record_function("pipeline_step"):
+            total, count = self._forward_backward(tokens)
         norm = self._reduce_and_clip()
         with record_function("optimizer"):
             self.opt.step()
@@ -269,49 +270,59 @@ class _CrashingWriter(torch.distributed.checkpoint.FileSystemWriter):
 
 
 def train(spec: RunSpec, progress: bool = True) -> dict[str, Any]:
-    """Train on this rank; returns {"losses": [...], "start_step": s, "tokens_per_s": ..., ...}."""
+    """Train on this rank; returns {"losses", "grad_norms", "start_step", "last" (metrics), ...}.
+
+    Metrics every ``log_every`` steps (rank 0 prints, all ranks return them): loss, tokens/s and MFU over
+    the window's unprofiled steps, and, from a profile of the window's last step aggregated over all
+    ranks, the measured bubble and the fraction of communication hidden behind compute (overlap_report).
+    Steps ``[profile_start, profile_start + profile_steps)`` are also written as Chrome traces.
+    """
     tr = Trainer(spec)
     t, lay = spec.train, spec.layout
+    out = Path(spec.out_dir)
     rank0 = tr.rank == 0
     tokens_per_step = t.batch_size * t.seq_len
     fpt = flops_per_token(spec.model, t.seq_len)
     peak, peak_src = peak_flops(tr.device, t.peak_tflops)
-    world = lay.world_size
     logger = _Logger(spec, rank0 and progress, tr.start_step)
     losses: list[float] = []
     grad_norms: list[float] = []
-    window_t0, window_steps = time.perf_counter(), 0
-    prof = None
+    window_s, window_steps = 0.0, 0
+    trace_steps = (
+        range(t.profile_start, t.profile_start + t.profile_steps) if t.profile_start >= 0 else range(0)
+    )
+    trace_last = trace_steps[-1] if len(trace_steps) else -1
+    prof, sample = None, {}
     last: dict[str, float] = {}
     for step in range(tr.start_step, t.steps):
-        if step == t.profile_start:
+        log_now = (step + 1) % t.log_every == 0 or step + 1 == t.steps
+        sampled = log_now and step not in trace_steps and window_steps > 0  # keep one unprofiled step
+        if prof is None and (step in trace_steps or sampled):
             prof = _start_profiler(tr.device)
+        t0 = time.perf_counter()
         m = tr.step(step)
-        if prof is not None and step == t.profile_start + t.profile_steps - 1:
+        if prof is None:
+            window_s += time.perf_counter() - t0
+            window_steps += 1
+        elif sampled or step == trace_last or step + 1 == t.steps:
             prof.stop()
-            prof.export_chrome_trace(str(Path(spec.out_dir) / f"trace_rank{tr.rank}.json"))
+            path = out / (
+                f"trace_rank{tr.rank}.json" if step in trace_steps else f".window_rank{tr.rank}.json"
+            )
+            prof.export_chrome_trace(str(path))
             prof = None
+            sample = _measured(tr, path)
         losses.append(m["loss"])
         grad_norms.append(m["grad_norm"])
-        window_steps += 1
         logger.bar(m)
-        if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
-            dt = time.perf_counter() - window_t0
-            tps = tokens_per_step * window_steps / dt
-            last = {
-                **m,
-                "step": step + 1,
-                "tokens_per_s": tps,
-                "mfu": fpt * tps / (peak * world),
-                "bubble": 0.0,
-            }
+        if log_now:
+            tps = tokens_per_step * window_steps / window_s if window_steps else float("nan")
+            last = {**m, "step": step + 1, "tokens_per_s": tps, "mfu": fpt * tps / (peak * lay.world_size)}
+            last.update(sample)
             logger.log(last)
-            window_t0, window_steps = time.perf_counter(), 0
+            window_s, window_steps = 0.0, 0
         if t.ckpt_dir and t.ckpt_every and (step + 1) % t.ckpt_every == 0:
             tr.save(step + 1, {"loss": m["loss"]})
-            window_t0 = time.perf_counter()  # checkpoint time is not training throughput
-    if prof is not None:
-        prof.stop()
     logger.close()
     return {
         "losses": losses,
@@ -320,6 +331,20 @@ def train(spec: RunSpec, progress: bool = True) -> dict[str, Any]:
         "last": last,
         "peak_source": peak_src,
     }
+
+
+def _measured(tr: Trainer, trace: Path) -> dict[str, float]:
+    """Bubble and hidden communication of one profiled window, summed over all ranks."""
+    import json
+
+    from examples.deepseek_v3.overlap_report import aggregate, rank_overlap
+
+    r = rank_overlap(json.loads(trace.read_text())["traceEvents"])
+    v = torch.tensor([r["comm_ms"], r["hidden_ms"], r["step_ms"], r["busy_ms"]], dtype=torch.float64)
+    if tr.distributed:
+        dist.all_reduce(v)
+    agg = aggregate([dict(zip(("comm_ms", "hidden_ms", "step_ms", "busy_ms"), v.tolist()))])
+    return {k: agg[k] for k in ("hidden_fraction", "bubble_fraction") if agg[k] is not None}
 
 
 def _start_profiler(device: torch.device):
@@ -356,10 +381,12 @@ class _Logger:
         line = (
             f"step {m['step']:>5} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | "
             f"{m['tokens_per_s']:,.0f} tok/s | "
-            f"MFU {100 * m['mfu']:.2f}% | bubble {100 * m['bubble']:.1f}%"
+            f"MFU {100 * m['mfu']:.2f}%"
         )
-        if "hidden" in m:
-            line += f" | comm hidden {100 * m['hidden']:.0f}%"
+        if "bubble_fraction" in m:
+            line += f" | bubble {100 * m['bubble_fraction']:.1f}%"
+        if "hidden_fraction" in m:
+            line += f" | comm hidden {100 * m['hidden_fraction']:.0f}%"
         self.bar_.write(line)
         if self.run is not None:
             self.run.log(m, step=m["step"])
