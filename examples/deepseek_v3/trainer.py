@@ -280,6 +280,7 @@ def train(spec: RunSpec, progress: bool = True) -> dict[str, Any]:
     tr = Trainer(spec)
     t, lay = spec.train, spec.layout
     out = Path(spec.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     rank0 = tr.rank == 0
     tokens_per_step = t.batch_size * t.seq_len
     fpt = flops_per_token(spec.model, t.seq_len)
