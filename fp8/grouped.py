@@ -36,7 +36,8 @@ def grouped_gemm_contiguous(
 
     a: (sum_g M_g, K) float tensor (quantized 1x128) or FP8Tensor (1, 128).
     b: (G, N, K) float tensor (quantized 128x128 per expert) or FP8Tensor (128, 128) of that shape.
-    m_offsets: (G+1,) integer tensor, m_offsets[0] == 0, non-decreasing, m_offsets[G] == a.shape[0].
+    m_offsets: (G+1,) int32/int64, m_offsets[0] == 0, non-decreasing, m_offsets[G] == a.shape[0]. The values
+       are checked (ValueError) when on the CPU; offsets on a GPU are trusted (no host sync).
     Returns (sum_g M_g, N) of out_dtype (bfloat16 by default), or ``out`` filled in place.
     """
     aq = as_fp8(a, "a", (1, BLOCK), quantize_1x128)
@@ -46,10 +47,10 @@ def grouped_gemm_contiguous(
         raise ValueError(
             f"a must be 2-D (sum_g M_g, K) in the contiguous layout, got shape {tuple(aq.shape)}"
         )
-    offsets = _check_offsets(m_offsets, g, aq.shape[0])
+    _check_offsets(m_offsets, g, aq.shape[0])
     out_dtype = resolve_out(out, out_dtype, False, (aq.shape[0], n))
     _, impl = select_backend("grouped_gemm_contiguous", aq.device, backend)
-    return impl(aq, bq, m_offsets, offsets, out_dtype=out_dtype, out=out)
+    return impl(aq, bq, m_offsets, out_dtype=out_dtype, out=out)
 
 
 def grouped_gemm_masked(
@@ -66,22 +67,22 @@ def grouped_gemm_masked(
     a: (G, M_max, K) float tensor (quantized 1x128; its padding rows are zeroed first so that garbage there
        can neither raise nor leak) or FP8Tensor (1, 128) of that shape.
     b: (G, N, K) float tensor or FP8Tensor (128, 128).
-    masked_m: (G,) integer tensor, 0 <= masked_m[g] <= M_max.
+    masked_m: (G,) int32/int64, 0 <= masked_m[g] <= M_max (checked when on the CPU; trusted on a GPU).
     Returns (G, M_max, N) of out_dtype (bfloat16 by default), or ``out`` filled in place.
     """
     if isinstance(a, torch.Tensor) and a.dim() == 3 and isinstance(masked_m, torch.Tensor):
-        counts = _check_masked_m(masked_m, a.shape[0], a.shape[1])
-        valid = torch.arange(a.shape[1], device=a.device).unsqueeze(0) < counts.to(a.device).unsqueeze(1)
+        _check_masked_m(masked_m, a.shape[0], a.shape[1])
+        valid = torch.arange(a.shape[1], device=a.device).unsqueeze(0) < masked_m.to(a.device).unsqueeze(1)
         a = torch.where(valid.unsqueeze(-1), a, torch.zeros((), dtype=a.dtype, device=a.device))
     aq = as_fp8(a, "a", (1, BLOCK), quantize_1x128)
     bq = as_fp8(b, "b", (BLOCK, BLOCK), quantize_128x128)
     g, n, k = _check_grouped_b(bq, aq)
     if aq.dim() != 3 or aq.shape[0] != g:
         raise ValueError(f"a must be (G={g}, M_max, K) in the masked layout, got shape {tuple(aq.shape)}")
-    counts = _check_masked_m(masked_m, g, aq.shape[1])
+    _check_masked_m(masked_m, g, aq.shape[1])
     out_dtype = resolve_out(out, out_dtype, False, (g, aq.shape[1], n))
     _, impl = select_backend("grouped_gemm_masked", aq.device, backend)
-    return impl(aq, bq, masked_m, counts, out_dtype=out_dtype, out=out)
+    return impl(aq, bq, masked_m, out_dtype=out_dtype, out=out)
 
 
 def _check_grouped_b(bq: FP8Tensor, aq: FP8Tensor) -> tuple[int, int, int]:
@@ -97,31 +98,36 @@ def _check_grouped_b(bq: FP8Tensor, aq: FP8Tensor) -> tuple[int, int, int]:
     return g, n, k
 
 
-def _check_int_vector(t: torch.Tensor, arg: str, length: int) -> torch.Tensor:
+def _check_int_vector(t: torch.Tensor, arg: str, length: int) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{arg} must be an integer torch.Tensor, got {type(t).__name__}")
     if t.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{arg}.dtype={t.dtype} must be torch.int32 or torch.int64")
     if tuple(t.shape) != (length,):
         raise ValueError(f"{arg}.shape={tuple(t.shape)} must be ({length},)")
-    return t.to("cpu", torch.int64)
 
 
-def _check_offsets(m_offsets: torch.Tensor, g: int, m_total: int) -> torch.Tensor:
-    """Validated offsets on the CPU (one host sync when they live on a GPU)."""
-    offsets = _check_int_vector(m_offsets, "m_offsets", g + 1)
-    if int(offsets[0]) != 0 or int(offsets[-1]) != m_total or bool((offsets[1:] < offsets[:-1]).any()):
+def _check_offsets(m_offsets: torch.Tensor, g: int, m_total: int) -> None:
+    """Dtype and shape always; the values only when they are on the CPU (no host sync for device-resident
+    offsets, which the kernels trust: they come from the dispatch layout)."""
+    _check_int_vector(m_offsets, "m_offsets", g + 1)
+    if m_offsets.device.type != "cpu":
+        return
+    if (
+        int(m_offsets[0]) != 0
+        or int(m_offsets[-1]) != m_total
+        or bool((m_offsets[1:] < m_offsets[:-1]).any())
+    ):
         raise ValueError(
-            f"m_offsets={offsets.tolist()} must start at 0, never decrease and end at a.shape[0]={m_total}"
+            f"m_offsets={m_offsets.tolist()} must start at 0, never decrease and end at a.shape[0]={m_total}"
         )
-    return offsets
 
 
-def _check_masked_m(masked_m: torch.Tensor, g: int, m_max: int) -> torch.Tensor:
-    counts = _check_int_vector(masked_m, "masked_m", g)
-    if bool((counts < 0).any()) or bool((counts > m_max).any()):
-        raise ValueError(f"masked_m={counts.tolist()} must be within [0, M_max={m_max}]")
-    return counts
+def _check_masked_m(masked_m: torch.Tensor, g: int, m_max: int) -> None:
+    """As _check_offsets: values checked when on the CPU only."""
+    _check_int_vector(masked_m, "masked_m", g)
+    if masked_m.device.type == "cpu" and (bool((masked_m < 0).any()) or bool((masked_m > m_max).any())):
+        raise ValueError(f"masked_m={masked_m.tolist()} must be within [0, M_max={m_max}]")
 
 
 def _group(t: FP8Tensor, g: int, rows: slice | None = None) -> FP8Tensor:
@@ -137,14 +143,13 @@ def _contiguous_reference(
     a: FP8Tensor,
     b: FP8Tensor,
     m_offsets: torch.Tensor,
-    offsets: torch.Tensor,
     *,
     out_dtype: torch.dtype,
     out: torch.Tensor | None,
 ) -> torch.Tensor:
     if out is None:
         out = torch.empty(a.shape[0], b.shape[1], dtype=out_dtype, device=a.device)
-    bounds = offsets.tolist()
+    bounds = m_offsets.tolist()
     for g in range(b.shape[0]):  # one vectorised GEMM per expert (experts are few; tiles are not looped)
         lo, hi = bounds[g], bounds[g + 1]
         if hi > lo:
@@ -158,7 +163,6 @@ def _masked_reference(
     a: FP8Tensor,
     b: FP8Tensor,
     masked_m: torch.Tensor,
-    counts: torch.Tensor,
     *,
     out_dtype: torch.dtype,
     out: torch.Tensor | None,
@@ -166,7 +170,7 @@ def _masked_reference(
     g_count, m_max, n = a.shape[0], a.shape[1], b.shape[1]
     if out is None:
         out = torch.empty(g_count, m_max, n, dtype=out_dtype, device=a.device)
-    for g, m in enumerate(counts.tolist()):
+    for g, m in enumerate(masked_m.tolist()):
         if m > 0:
             out[g, :m] = gemm_nt_fp32(_group(a, g, slice(0, m)), _group(b, g))
         out[g, m:] = 0

@@ -180,3 +180,40 @@ def test_registered_backend_is_preferred_by_priority(monkeypatch):
     y = fp8.gemm(_randn(3, 130, seed=1), _randn(5, 130, seed=2))
     assert calls == [((3, 130), (5, 130), torch.bfloat16)] and bool((y == 0).all())
     assert "spy" in fp8.backend_report("cpu")
+
+
+@pytest.mark.parametrize("m,n,k", [(128, 2112, 7168), (7, 257, 1000), (1, 64, 100)])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_torch_backend_operand_layout_passes_torch_shape_checks(m, n, k, out_dtype):
+    """On meta tensors F.scaled_mm runs only torch's own shape/stride checks (torch/_meta_registrations.py):
+    the padding and scale layouts the "torch" backend builds must satisfy them."""
+    from fp8.quant import ceil_div
+    from fp8.scaled_mm import _gemm_scaled_mm
+
+    def meta(*shape, dtype=torch.float32):
+        return torch.empty(*shape, dtype=dtype, device="meta")
+
+    a = FP8Tensor(meta(m, k, dtype=torch.float8_e4m3fn), meta(m, ceil_div(k, 128)), (1, 128))
+    b = FP8Tensor(meta(n, k, dtype=torch.float8_e4m3fn), meta(ceil_div(n, 128), ceil_div(k, 128)), (128, 128))
+    y = _gemm_scaled_mm(a, b, out_dtype=out_dtype, out=None, accumulate=False)
+    assert y.shape == (m, n) and y.dtype == out_dtype
+
+
+def _gpu_backend_ok(name):
+    if not torch.cuda.is_available():
+        return False
+    return backends.backend_report("cuda")[name] == "ok"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["torch", "cuda"])
+@pytest.mark.parametrize("m,n,k", [(128, 2112, 7168), (7, 257, 1000), (300, 4096, 512)])
+def test_gpu_backends_match_the_reference(name, m, n, k):
+    if not _gpu_backend_ok(name):
+        pytest.skip(f"backend {name!r} unavailable here")
+    a, b = _randn(m, k, seed=71).cuda(), _randn(n, k, seed=72).cuda()
+    aq, bq = fp8.quantize_1x128(a), fp8.quantize_128x128(b)
+    ref = fp8.gemm(aq, bq, out_dtype=torch.float32, backend="reference")
+    got = fp8.gemm(aq, bq, out_dtype=torch.float32, backend=name)
+    assert fp8.calc_diff(got, ref) < 1e-6
+    assert fp8.calc_diff(got, a @ b.T) < FP8_GEMM_BOUND
