@@ -1,0 +1,153 @@
+"""The expert side of a dispatch: received rows -> tokens grouped by local expert, and back.
+
+Two layouts, both ordered inside an expert by (source rank, source token, k) -- the order a plain
+``all_to_all_single`` of one row per (token, expert) pair, followed by a stable sort by expert, produces:
+
+  ContiguousLayout  (sum_e M_e, H): expert e's rows at [m_offsets[e], m_offsets[e] + counts[e]), each
+                    group padded with zero rows to a multiple of ``align`` (for grouped GEMMs whose tiles
+                    must not straddle experts). Exact sizes: needs host-known counts.
+  MaskedLayout      (E_local, capacity, H): expert e's rows at [e, :counts[e]], the rest zero. Static shape
+                    (worst case), no host synchronisation; consumed by masked grouped GEMMs.
+
+Both also map the expert outputs back to pairs (``gather_pairs``: the first hop of the combine) and spread
+per-pair rows into the layout (``scatter_pairs``: the last step of the combine's backward).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["ContiguousLayout", "MaskedLayout"]
+
+
+def _group_positions(key: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """key (P,) in [0, num_groups] (num_groups = invalid). Returns (order, counts (G+1,), rank in group).
+
+    ``rank[p]`` is the number of earlier p' (in index order) with the same key: a stable counting sort.
+    """
+    order = torch.sort(key, stable=True).indices
+    counts = torch.zeros(num_groups + 1, dtype=torch.long, device=key.device)
+    counts.scatter_add_(0, key, torch.ones_like(key))
+    start = counts.cumsum(0) - counts
+    sorted_key = key.index_select(0, order)
+    rank = torch.empty_like(key)
+    rank[order] = torch.arange(key.numel(), device=key.device) - start.index_select(0, sorted_key)
+    return order, counts, rank
+
+
+class ContiguousLayout:
+    """Pairs of the received rows grouped by local expert, contiguous, padded to ``align`` rows."""
+
+    kind = "contiguous"
+
+    def __init__(
+        self,
+        meta: torch.Tensor,
+        weights: torch.Tensor,
+        first_expert: int,
+        num_local: int,
+        align: int,
+        row_order: torch.Tensor | None = None,
+    ) -> None:
+        """meta/weights (R, K) of the received rows; ``row_order`` (R,): the order in which rows appear
+        inside each expert (default: as received). Pairs keep the received (row, k) order for the way back.
+        """
+        R, K = meta.shape
+        valid = meta >= 0
+        rc = valid.nonzero()  # (P, 2) [row, k], row-major = source-major
+        self.pair_row, pair_k = rc[:, 0], rc[:, 1]
+        local = meta[self.pair_row, pair_k] - first_expert
+        if local.numel() and (int(local.min()) < 0 or int(local.max()) >= num_local):
+            raise RuntimeError(
+                f"moe_comm internal error: received expert ids outside this rank's experts "
+                f"[{first_expert}, {first_expert + num_local}) (peers disagree on num_experts or topology?)"
+            )
+        self.pair_weights = weights[self.pair_row, pair_k]
+        if row_order is None:
+            _, counts, rank = _group_positions(local, num_local)
+        else:  # rank each pair by (position of its row in row_order, k)
+            row_pos = torch.empty_like(row_order)
+            row_pos[row_order] = torch.arange(R, device=meta.device)
+            seq = torch.sort(row_pos.index_select(0, self.pair_row) * K + pair_k).indices
+            _, counts, rank_seq = _group_positions(local.index_select(0, seq), num_local)
+            rank = torch.empty_like(rank_seq)
+            rank[seq] = rank_seq
+        self.counts = counts[:num_local]
+        aligned = (self.counts + align - 1) // align * align
+        self.m_offsets = torch.zeros(num_local + 1, dtype=torch.long, device=meta.device)
+        self.m_offsets[1:] = aligned.cumsum(0)
+        self.counts_list: list[int] = self.counts.tolist()
+        self.num_rows = int(self.m_offsets[-1])
+        self.pos = self.m_offsets.index_select(0, local) + rank  # (P,) output row of each pair
+        self.src_of_out = torch.full((self.num_rows,), R, dtype=torch.long, device=meta.device)
+        self.src_of_out[self.pos] = self.pair_row
+        self.num_pairs = self.pos.numel()
+
+    def expand(self, rows_with_zero_row: torch.Tensor) -> torch.Tensor:
+        """(R + 1, ...) received rows (last row zero) -> (num_rows, ...) grouped by expert."""
+        return rows_with_zero_row.index_select(0, self.src_of_out)
+
+    def gather_pairs(self, y: torch.Tensor) -> torch.Tensor:
+        """(num_rows, H) expert outputs -> (P, H) one row per pair, in received (row, k) order."""
+        if y.shape[0] != self.num_rows:
+            raise ValueError(f"y.shape[0]={y.shape[0]} must equal the dispatched rows {self.num_rows}")
+        return y.index_select(0, self.pos)
+
+    def scatter_pairs(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Received plain rows (R, H) -> (num_rows, H) = weight of each pair * its row, in ``dtype``."""
+        pairs = (rows.index_select(0, self.pair_row).float() * self.pair_weights[:, None]).to(dtype)
+        out = pairs.new_zeros((self.num_rows, *rows.shape[1:]))
+        return out.index_copy_(0, self.pos, pairs)
+
+
+class MaskedLayout:
+    """Pairs of the received slots in a (num_local, capacity, ...) buffer; ``counts``: rows per expert."""
+
+    kind = "masked"
+
+    def __init__(
+        self,
+        meta: torch.Tensor,
+        weights: torch.Tensor,
+        first_expert: int,
+        num_local: int,
+        capacity: int,
+        pairs_per_row: int,
+    ):
+        R, K = meta.shape
+        dev = meta.device
+        valid = meta >= 0
+        local = torch.where(valid, meta - first_expert, num_local)
+        local = torch.where((local < 0) | (local > num_local), num_local, local).flatten()  # (R*K,)
+        _, counts, rank = _group_positions(local, num_local)
+        self.counts, self.capacity, self.num_local = counts[:num_local], capacity, num_local
+        dump = num_local * capacity
+        self.pos = torch.where(local < num_local, local * capacity + rank, dump)  # (R*K,)
+        self.pair_row = torch.arange(R, device=dev).repeat_interleave(K)
+        self.pair_weights = torch.where(valid, weights, 0.0).flatten()
+        src = torch.full((dump + 1,), R, dtype=torch.long, device=dev)
+        self.src_of_out = src.scatter_(0, self.pos, self.pair_row)[:dump]
+        # Pair slots for the way back: slot (row, c), c = index of the pair among its row's valid slots.
+        c = valid.long().cumsum(1) - 1
+        slot = torch.where(valid, torch.arange(R, device=dev)[:, None] * pairs_per_row + c, R * pairs_per_row)
+        ysrc = torch.zeros(R * pairs_per_row + 1, dtype=torch.long, device=dev)
+        self.slot_src = ysrc.scatter_(0, slot.flatten(), self.pos.clamp(max=dump - 1))[:-1]
+        self.num_rows = dump
+
+    def expand(self, rows_with_zero_row: torch.Tensor) -> torch.Tensor:
+        out = rows_with_zero_row.index_select(0, self.src_of_out)
+        return out.view(self.num_local, self.capacity, *out.shape[1:])
+
+    def gather_pairs(self, y: torch.Tensor) -> torch.Tensor:
+        if tuple(y.shape[:2]) != (self.num_local, self.capacity):
+            raise ValueError(
+                f"y.shape={tuple(y.shape)} must start with (num_local_experts, capacity)="
+                f"({self.num_local}, {self.capacity})"
+            )
+        return y.reshape(self.num_rows, *y.shape[2:]).index_select(0, self.slot_src)
+
+    def scatter_pairs(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        pairs = (rows.index_select(0, self.pair_row).float() * self.pair_weights[:, None]).to(dtype)
+        out = pairs.new_zeros((self.num_rows + 1, *rows.shape[1:]))
+        out.index_copy_(0, self.pos, pairs)
+        return out[:-1].view(self.num_local, self.capacity, *rows.shape[1:])
