@@ -11,6 +11,9 @@ Per rank, from the trace's complete ("X") events:
   own threads are never counted as compute.
 - hidden fraction = |communication intersected with compute| / |communication| (interval unions, so
   concurrent transfers are not double counted); exposed = the rest: time when the rank only waits.
+  Given overall and per kind: expert all-to-all (dispatch/combine; DeepSeek-V3's "96% hidden" is this
+  one), pipeline P2P and other collectives. A P2P receive posted early is in flight while its sender
+  still computes, so the P2P figure measures the schedule as much as the link.
 It also totals the time inside each named span the pipeline and the MoE layers mark: F, B, W, F&B
 (overlapped forward and backward of two micro-batches), dispatch, combine; and the measured bubble:
 the part of the trainer's ``pipeline_step`` spans (one step's forward/backward work) during which the
@@ -27,6 +30,12 @@ from pathlib import Path
 
 COMM_RE = re.compile(r"^(gloo:|nccl:)|nccl|ncclDevKernel|ncclKernel", re.IGNORECASE)
 SPANS = ("F", "B", "W", "F&B", "dispatch", "combine")
+COMM_KINDS = ("a2a", "p2p", "allreduce")
+KIND_NAMES = {
+    "a2a": "expert all-to-all (dispatch/combine)",
+    "p2p": "pipeline P2P",
+    "allreduce": "other collectives (DP gradients, ...)",
+}
 STEP_SPAN = "pipeline_step"  # the trainer's span around one step's forward/backward work
 _SPAN_RE = re.compile(r"^(F&B|F|B|W|dispatch|combine)(\b|$|[^A-Za-z])")
 _NOT_COMPUTE = re.compile(r"^(c10d::|aten::to$|aten::_to_copy$|aten::item$|aten::_local_scalar_dense$)")
@@ -60,21 +69,42 @@ def _intersect(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> li
 
 
 def span_kind(name: str) -> str | None:
-    """The pipeline / MoE span a record_function name stands for (F, B, W, F&B, dispatch, combine)."""
+    """The span a record_function name stands for: F, B, W, F&B (dualpipe's ``dualpipe.<action>`` spans:
+    ``FB(...)`` is F&B, a full backward ``BW`` counts as B), dispatch or combine; None for others."""
+    if name.startswith("dualpipe."):
+        act = name[len("dualpipe.") :]
+        for prefix, kind in (("FB(", "F&B"), ("BW", "B"), ("F", "F"), ("B", "B"), ("W", "W")):
+            if act.startswith(prefix) and (len(act) == len(prefix) or not act[len(prefix)].isalpha()):
+                return kind
+        return None
     m = _SPAN_RE.match(name)
     return m.group(1) if m else None
+
+
+def comm_kind(name: str) -> str | None:
+    """a2a (expert dispatch/combine), p2p (pipeline sends/receives), allreduce (collectives), or None."""
+    if not COMM_RE.search(name):
+        return None
+    low = name.lower()
+    if "all_to_all" in low or "alltoall" in low:
+        return "a2a"
+    if low.endswith(("send", "recv", "recv_", "sendrecv")) or "sendrecv" in low:
+        return "p2p"
+    return "allreduce"
 
 
 def rank_overlap(events: list[dict]) -> dict:
     """Overlap figures of one rank from its trace's events (dicts with name, ph, ts, dur, tid, cat)."""
     xs = [e for e in events if e.get("ph") == "X" and "dur" in e]
-    comm, spans, busy, steps = [], defaultdict(float), [], []
+    comm: dict[str, list] = defaultdict(list)
+    spans, busy, steps = defaultdict(float), [], []
     model_tids = set()
     for e in xs:
         name = str(e.get("name", ""))
         iv = (float(e["ts"]), float(e["ts"]) + float(e["dur"]))
-        if COMM_RE.search(name):
-            comm.append(iv)
+        ck = comm_kind(name)
+        if ck:
+            comm[ck].append(iv)
         kind = span_kind(name) if e.get("cat") in ("user_annotation", "gpu_user_annotation") else None
         if kind:
             spans[kind] += iv[1] - iv[0]
@@ -98,11 +128,17 @@ def rank_overlap(events: list[dict]) -> dict:
             and (not model_tids or e.get("tid") in model_tids)
         ):
             compute.append(iv)
-    comm_u, comp_u = _union(comm), _union(compute)
-    comm_t = _length(comm_u)
-    hidden_t = _length(_intersect(comm_u, comp_u))
-    t0 = min((iv[0] for iv in comm_u + comp_u), default=0.0)
-    t1 = max((iv[1] for iv in comm_u + comp_u), default=0.0)
+    comp_u = _union(compute)
+    all_comm = _union([iv for ivs in comm.values() for iv in ivs])
+    per_kind = {}
+    for k in COMM_KINDS:
+        u = _union(comm.get(k, []))
+        if u:
+            per_kind[k] = {"comm_ms": _length(u) / 1e3, "hidden_ms": _length(_intersect(u, comp_u)) / 1e3}
+    comm_t = _length(all_comm)
+    hidden_t = _length(_intersect(all_comm, comp_u))
+    t0 = min((iv[0] for iv in all_comm + comp_u), default=0.0)
+    t1 = max((iv[1] for iv in all_comm + comp_u), default=0.0)
     return {
         "window_ms": (t1 - t0) / 1e3,
         "compute_ms": _length(comp_u) / 1e3,
@@ -110,6 +146,7 @@ def rank_overlap(events: list[dict]) -> dict:
         "hidden_ms": hidden_t / 1e3,
         "exposed_ms": (comm_t - hidden_t) / 1e3,
         "hidden_fraction": hidden_t / comm_t if comm_t > 0 else None,
+        "by_kind": per_kind,
         "step_ms": _length(_union(steps)) / 1e3,
         "busy_ms": _length(_union(busy)) / 1e3,
         "spans_ms": {k: spans[k] / 1e3 for k in SPANS if k in spans},
@@ -132,9 +169,16 @@ def aggregate(per_rank: list[dict]) -> dict:
     hidden = sum(v["hidden_ms"] for v in per_rank)
     step = sum(v["step_ms"] for v in per_rank)
     busy = sum(v["busy_ms"] for v in per_rank)
+    by_kind = {}
+    for k in COMM_KINDS:
+        c = sum(v.get("by_kind", {}).get(k, {}).get("comm_ms", 0.0) for v in per_rank)
+        h = sum(v.get("by_kind", {}).get(k, {}).get("hidden_ms", 0.0) for v in per_rank)
+        if c > 0:
+            by_kind[k] = {"comm_ms": c, "hidden_fraction": h / c}
     return {
         "comm_ms": comm,
         "hidden_fraction": hidden / comm if comm else None,
+        "by_kind": by_kind,
         "bubble_fraction": max(0.0, 1 - busy / step) if step else None,
     }
 
@@ -157,6 +201,8 @@ def format_report(rep: dict) -> str:
         f"communication hidden behind compute: {'n/a' if hf is None else f'{100 * hf:.1f}%'} "
         f"of {rep['comm_ms']:.1f} ms"
     )
+    for k, v in rep.get("by_kind", {}).items():
+        lines.append(f"  {KIND_NAMES[k]}: {100 * v['hidden_fraction']:.1f}% of {v['comm_ms']:.1f} ms hidden")
     return "\n".join(lines)
 
 
