@@ -74,6 +74,8 @@ _ROWS = [
     ("context_extension_gpu_hours", "context extension GPU-hours (K)", 1e-3),
     ("total_gpu_hours", "total GPU-hours (M)", 1e-6),
     ("total_usd", "total cost ($M)", 1e-6),
+    ("comm_per_step_s", "expert exchange per step (s)", 1),
+    ("comm_hidden_fraction", "  of which hidden (%)", 100),
     ("memory_peak_gb", "memory per GPU, largest rank (GB)", 1),
 ]
 
@@ -191,6 +193,8 @@ def _config_from_args(a: argparse.Namespace) -> RunConfig:
         from examples.deepseek_v3.plan_calibrate import rates_from_json
 
         rates = rates_from_json(a.rates)
+    if a.ib_efficiency is not None:
+        rates = rates.with_(ib_efficiency=a.ib_efficiency)
     if a.gemm_bench:
         from fp8.cost import load_bench_gemm_rates
 
@@ -253,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--price", type=float, default=None, help="USD per GPU-hour (default: the hardware's)")
     p.add_argument("--comm-sms", type=int, default=None, help="SMs reserved for communication")
     p.add_argument("--rates", default=None, help="kernel efficiencies JSON from plan_calibrate")
+    p.add_argument("--ib-efficiency", type=float, default=None, help="achieved share of InfiniBand bandwidth")
     p.add_argument(
         "--gemm-bench", nargs="*", default=None, help="bench/results JSON with measured GEMM rates"
     )

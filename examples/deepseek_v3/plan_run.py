@@ -356,6 +356,31 @@ class PlanResult:
         }
 
 
+def _comm_per_step(step: StepPlan, rank: int) -> dict:
+    """Expert-exchange seconds one rank runs in a step and the share hidden behind compute.
+
+    Chunks alone expose what their shared experts do not hide; chunks in F&B pairs expose what the pair's
+    compute does not (rank-average of the stages it holds, as the simulator's costs).
+    """
+    held = [step.stages[i] for i in step.sim.rank_stages[rank]]
+    n = len(held)
+    comm_f = sum(c.comm_f for c in held) / n
+    comm_b = sum(c.comm_b for c in held) / n
+    exp_f = sum(c.exposed_f for c in held) / n
+    exp_b = sum(c.exposed_b for c in held) / n
+    pairs = [(x, y) for x in held for y in held if x is not y] or [(held[0], held[0])]
+    exp_fb = sum(max(0.0, x.comm_f + y.comm_b - (x.compute_f + y.compute_b)) for x, y in pairs) / len(pairs)
+    c = step.sim.counts[rank]
+    n_fb = c.get("F&B", 0)
+    total = (c.get("F", 0) + n_fb) * comm_f + (c.get("B", 0) + n_fb) * comm_b
+    exposed = c.get("F", 0) * exp_f + c.get("B", 0) * exp_b + n_fb * exp_fb
+    return {
+        "comm_per_step_s": total,
+        "comm_exposed_per_step_s": exposed,
+        "comm_hidden_fraction": 1.0 - exposed / total if total > 0 else 1.0,
+    }
+
+
 def plan(cfg: RunConfig, *, with_phases: bool = True) -> PlanResult:
     """Price the run: the main step, the extra phases, and the totals (module docstring)."""
     step = plan_step(cfg)
@@ -416,5 +441,6 @@ def plan(cfg: RunConfig, *, with_phases: bool = True) -> PlanResult:
         "memory_fits": mem_peak <= hw.hbm_gb * 1e9,
         "peak_in_flight_microbatches": max(step.sim.result.peak_activations),
         "comm_hidden_in_fb": step.comm.get("hidden_in_fb_fraction", 1.0),
+        **_comm_per_step(step, r),
     }
     return PlanResult(cfg, step, phases, metrics)

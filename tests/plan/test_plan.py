@@ -103,9 +103,10 @@ def test_what_ifs_move_the_right_way(v3):
     assert bf16["step_s"] > base and bf16["memory_peak_gb"] > v3.metrics["memory_peak_gb"]
     more_ib = plan(v3_run(hardware=get_hardware("h800").with_(ib_gbps=100.0)), with_phases=False).metrics
     assert more_ib["step_s"] <= base  # more bandwidth: never slower
-    wide = v3_run()
-    wide = wide.with_(parallel=ParallelConfig(node_limit=8))
+    wide = v3_run(parallel=ParallelConfig(node_limit=8))
     assert plan(wide, with_phases=False).metrics["step_s"] >= base  # more nodes per token: never faster
+    one_f_one_b = plan(v3_run(parallel=ParallelConfig(schedule="1f1b")), with_phases=False).metrics
+    assert one_f_one_b["comm_hidden_fraction"] < 0.1 < 0.8 < v3.metrics["comm_hidden_fraction"]
 
 
 def test_bad_configs():
