@@ -169,11 +169,13 @@ def what_if(base: RunConfig) -> list[dict]:
         rows.append(
             {
                 "variant": name,
-                "step_s": round(m["step_s"], 3),
-                "bubble_s": round(m["bubble_s"], 3),
-                "mfu_causal_%": round(100 * m["mfu_causal"], 1),
-                "gpu_h_per_T_K": round(m["gpu_hours_per_trillion"] / 1e3, 1),
-                "mem_GB": round(m["memory_peak_gb"], 1),
+                "step_s": m["step_s"],
+                "bubble_s": m["bubble_s"],
+                "bubble_busiest_s": m["bubble_busiest_rank_s"],
+                "hidden_%": 100 * m["comm_hidden_fraction"],
+                "mfu_causal_%": 100 * m["mfu_causal"],
+                "gpu_h_per_T_K": m["gpu_hours_per_trillion"] / 1e3,
+                "mem_GB": m["memory_peak_gb"],
                 "fits": m["memory_fits"],
             }
         )
@@ -281,8 +283,12 @@ def main(argv: list[str] | None = None) -> int:
     payload = result.to_dict()
     if a.what_if:
         rows = what_if(cfg)
-        print("\nwhat-if (each row changes one thing; step includes the optimizer):")
-        print_table([{k: str(v) for k, v in r.items()} for r in rows])
+        print(
+            "\nwhat-if (each row changes one thing; step includes the optimizer; bubble: largest per-rank"
+            " idle time; bubble_busiest: idle time of the busiest rank; hidden: share of the expert exchange"
+            " hidden behind compute):"
+        )
+        print_table([{k: _fmt(v) if isinstance(v, float) else str(v) for k, v in r.items()} for r in rows])
         payload["what_if"] = rows
     (out / "plan.json").write_text(json.dumps(payload, indent=2, default=_json_default))
     result.step.sim.result.write_chrome_trace(out / "trace.json")

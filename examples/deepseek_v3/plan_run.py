@@ -418,6 +418,7 @@ def plan(cfg: RunConfig, *, with_phases: bool = True) -> PlanResult:
         "optimizer_s": step.optimizer_s,
         "bubble_s": step.sim.phases[r]["bubble"],
         "bubble_fraction": step.sim.phases[r]["bubble"] / step.step_s,
+        "bubble_busiest_rank_s": step.pipeline_s - max(step.sim.result.busy),
         "report_rank": r,
         "phase_f_s": step.sim.phases[r].get("F", 0.0),
         "phase_b_s": step.sim.phases[r].get("B", 0.0),
