@@ -10,8 +10,8 @@ Pieces (DeepSeek-V3 technical report, arXiv 2412.19437, section 2):
   a shared compressed latent (``wkv_a`` -> RMSNorm -> ``wkv_b``); RoPE is decoupled: a small
   ``qk_rope_head_dim`` part of each query head and one rotary key shared by all heads carry the
   positions, the rest (``qk_nope_head_dim``) carries none.
-- DeepSeekMoE (examples.deepseek_v3.moe): shared experts + routed experts with the V3 sigmoid gate; the first
-  ``n_dense_layers`` blocks use a dense SwiGLU FFN instead.
+- DeepSeekMoE (examples.deepseek_v3.moe, built from moe_comm's MoELayer): shared experts + routed
+  experts behind the V3 sigmoid gate; the first ``n_dense_layers`` blocks use a dense SwiGLU FFN instead.
 - RMSNorm in FP32; multi-token prediction (MTP) of depth ``mtp_depth``: module k combines the previous
   depth's hidden state at position i with the embedding of token i+k+1 and predicts token i+k+2, sharing
   the embedding and the output head with the main model.
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from examples.deepseek_v3.config import ModelConfig
-from examples.deepseek_v3.moe import MoE
+from examples.deepseek_v3.moe import build_moe
 
 INIT_STD = 0.02
 
@@ -136,7 +136,9 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = MLA(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn: nn.Module = MLP(cfg.dim, cfg.dense_inter_dim) if layer_id < cfg.n_dense_layers else MoE(cfg)
+        self.ffn: nn.Module = (
+            MLP(cfg.dim, cfg.dense_inter_dim) if layer_id < cfg.n_dense_layers else build_moe(cfg)
+        )
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         h = h + self.attn(self.attn_norm(h))

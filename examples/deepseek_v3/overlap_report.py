@@ -74,7 +74,9 @@ def span_kind(name: str) -> str | None:
     if name.startswith("dualpipe."):
         act = name[len("dualpipe.") :]
         for prefix, kind in (("FB(", "F&B"), ("BW", "B"), ("F", "F"), ("B", "B"), ("W", "W")):
-            if act.startswith(prefix) and (len(act) == len(prefix) or not act[len(prefix)].isalpha()):
+            if act.startswith(prefix) and (
+                prefix.endswith("(") or len(act) == len(prefix) or not act[len(prefix)].isalpha()
+            ):
                 return kind
         return None
     m = _SPAN_RE.match(name)

@@ -31,7 +31,8 @@ from examples.deepseek_v3.data import TokenCorpus, shard_rows
 from examples.deepseek_v3.layout import Groups, Layout, build_groups, check_layout
 from examples.deepseek_v3.metrics import flops_per_token, peak_flops
 from examples.deepseek_v3.model import build_model, layer_ranges, lm_loss, split_stages
-from examples.deepseek_v3.moe import V3Gate
+from examples.deepseek_v3.moe import shard_experts
+from moe_comm import DeepSeekV3Router
 
 PRECISIONS = ("fp32", "bf16", "fp8")
 
@@ -98,8 +99,10 @@ class RankModel:
         by_id = split_stages(full, ranges, keep=self.stage_ids)
         self.stages: list[nn.Module] = [by_id[i] for i in self.stage_ids]
         del full
-        if lay.ep > 1:
-            raise NotImplementedError("expert parallelism waits for moe_comm's MoELayer / Dispatcher")
+        expert_backend = "fp8" if spec.precision == "fp8" else "native"
+        if lay.ep > 1 or expert_backend != "native":
+            for st in self.stages:
+                shard_experts(st, groups.ep if groups else None, self.ep_rank, lay.ep, backend=expert_backend)
         if spec.precision == "fp8":
             from fp8 import convert_to_fp8
 
@@ -111,7 +114,9 @@ class RankModel:
         # DualPipe holds two mirrored copies of different stages; every stage lives on one rank as m0.
         self.owned = self.stages[:1] if lay.schedule == "dualpipe" and lay.pp > 1 else self.stages
         self.params = [p for st in self.stages for p in st.parameters()]
-        self.gates = [m for st in self.stages for m in st.modules() if isinstance(m, V3Gate)]
+        self.routers = [m for st in self.stages for m in st.modules() if isinstance(m, DeepSeekV3Router)]
+        for r in self.routers:
+            r.bias_update_rate = spec.train.bias_update_speed
 
     def named_params(self, stages: list[nn.Module] | None = None):
         for st in stages if stages is not None else self.stages:
@@ -220,15 +225,15 @@ class Trainer:
         return norm
 
     def _update_router_bias(self) -> None:
-        gates = self.model.gates
-        if not gates or self.spec.train.bias_update_speed == 0:
+        """Aux-loss-free balancing: each router's bias moves by the sign of its load error over the job."""
+        routers = self.model.routers
+        if not routers:
             return
-        load = torch.stack([gt.load for gt in gates])
+        load = torch.stack([r.load for r in routers])  # one all-reduce for every router of this rank
         if self.groups is not None and self.groups.data is not None:
             dist.all_reduce(load, group=self.groups.data)
-        for gt, ld in zip(gates, load):
-            gt.update_bias(ld, self.spec.train.bias_update_speed)
-            gt.load.zero_()
+        for r, ld in zip(routers, load):
+            r.update_bias(load=ld)
 
     def step(self, step: int) -> dict[str, float]:
         t, lay = self.spec.train, self.spec.layout
@@ -341,11 +346,21 @@ def _measured(tr: Trainer, trace: Path) -> dict[str, float]:
     from examples.deepseek_v3.overlap_report import aggregate, rank_overlap
 
     r = rank_overlap(json.loads(trace.read_text())["traceEvents"])
-    v = torch.tensor([r["comm_ms"], r["hidden_ms"], r["step_ms"], r["busy_ms"]], dtype=torch.float64)
+    kinds = ("a2a", "p2p", "allreduce")
+    vals = [r["comm_ms"], r["hidden_ms"], r["step_ms"], r["busy_ms"]]
+    for k in kinds:
+        d = r["by_kind"].get(k, {})
+        vals += [d.get("comm_ms", 0.0), d.get("hidden_ms", 0.0)]
+    v = torch.tensor(vals, dtype=torch.float64)
     if tr.distributed:
         dist.all_reduce(v)
-    agg = aggregate([dict(zip(("comm_ms", "hidden_ms", "step_ms", "busy_ms"), v.tolist()))])
-    return {k: agg[k] for k in ("hidden_fraction", "bubble_fraction") if agg[k] is not None}
+    v = v.tolist()
+    summed = dict(zip(("comm_ms", "hidden_ms", "step_ms", "busy_ms"), v[:4]))
+    summed["by_kind"] = {k: {"comm_ms": v[4 + 2 * i], "hidden_ms": v[5 + 2 * i]} for i, k in enumerate(kinds)}
+    agg = aggregate([summed])
+    out = {k: agg[k] for k in ("hidden_fraction", "bubble_fraction") if agg[k] is not None}
+    out.update({f"hidden_{k}": d["hidden_fraction"] for k, d in agg["by_kind"].items()})
+    return out
 
 
 def _start_profiler(device: torch.device):
@@ -388,6 +403,12 @@ class _Logger:
             line += f" | bubble {100 * m['bubble_fraction']:.1f}%"
         if "hidden_fraction" in m:
             line += f" | comm hidden {100 * m['hidden_fraction']:.0f}%"
+            parts = [
+                f"{k} {100 * m['hidden_' + k]:.0f}%"
+                for k in ("a2a", "p2p", "allreduce")
+                if f"hidden_{k}" in m
+            ]
+            line += f" ({', '.join(parts)})" if parts else ""
         self.bar_.write(line)
         if self.run is not None:
             self.run.log(m, step=m["step"])
