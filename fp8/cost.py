@@ -19,9 +19,9 @@ tokens, H800, 20 SMs running DeepEP): the FLOPs of each GEMM class (examples/dee
 divided by the summed duration of its kernels, divided by the FP8 (BF16) peak x 112/132. Reproduce them with
 ``python -m examples.deepseek_v3.plan_calibrate --trace train.json``. Cross-check: DeepGEMM's first README
 (Feb 2025, H800, all 132 SMs) reports its speedup over DeepSeek's internal CUTLASS-3.6 kernels, which puts
-those at about 930-1190 TFLOPS for the dense V3 shapes at M=4096 and 920-1080 grouped; the profile's rates
-scaled to 132 SMs (1060 dense, 1190 grouped) agree within ~15%. Today's DeepGEMM is faster (ANCHORS.md:
-1127-1520 dense, 1214-1346 grouped, 920-1092 wgrad).
+those at 590-1190 TFLOPS for the dense V3 shapes at M=4096 (930-1190 but for N=32768, K=512) and 920-1080
+grouped; the profile's rates scaled to 132 SMs (1060 dense, 1190 grouped) agree within ~15%. Today's
+DeepGEMM is faster (ANCHORS.md: 1127-1520 dense, 1214-1346 grouped, 920-1092 wgrad).
 
 Measured rates (``MeasuredGemm``, e.g. from bench/results JSON written by bench/bench_fp8.py on a GPU) replace
 the efficiency for GEMMs of the same class whose shape is close (every dimension within 2x, log distance).

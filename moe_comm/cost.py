@@ -25,10 +25,11 @@ GPUs per token, 3.18 of the nodes remote.
 Combine moves the same copies back (the forwarding GPU reduces its node's copies first, so IB again carries
 one per node). In backward, dispatch's gradient is a combine and combine's gradient is a dispatch (both BF16).
 
-Bandwidths are *achieved* per GPU and per direction. Defaults in the plan's hardware profiles: H800 NVLink
-160 GB/s (DeepSeek-V3 report, section 3.2.2; DeepEP measures 153-158 GB/s intranode), InfiniBand 50 GB/s
-nominal (CX7 400 Gb/s) at 80% = 40 GB/s (DeepEP's legacy table: 43-58 GB/s of "logical" RDMA bandwidth, which
-counts a node's own traffic too, at EP16-64).
+Bandwidths are *achieved* per GPU and per direction. The plan passes nominal x the communication kernels'
+efficiency (examples/deepseek_v3/plan_rates.py); on H800: NVLink 160 GB/s (DeepSeek-V3 report, section
+3.2.2; DeepEP measures 153-158 intranode) and InfiniBand 32.8 of 50 GB/s, the rate of the dispatch/combine
+kernels in DeepSeek's training profile while overlapped with compute (DeepEP's isolated benchmark at EP64:
+51 GB/s of "logical" bandwidth, which counts a node's own traffic too, ~45 GB/s of the bytes counted here).
 """
 
 from __future__ import annotations
