@@ -14,8 +14,16 @@ Backends and what they implement:
 * ``torch``     torch's blockwise ``F.scaled_mm`` (1x128 x 128x128, Hopper with cuBLASLt >= 12.9): gemm only.
 * ``reference`` plain PyTorch (fp8/gemm.py, fp8/grouped.py), any device: the CPU path and the test oracle.
 
-Every implementation takes already-quantized operands (FP8Tensor), see the op's public function for the
-signature; quantization itself is chosen by device in fp8/quant.py.
+Every implementation takes already-quantized, validated operands (quantization is chosen by device in
+fp8/quant.py); the signatures are
+
+    gemm(a, b, *, out_dtype, out, accumulate) -> (M, N)            a FP8Tensor (1,128), b FP8Tensor (128,128)
+    gemm_wgrad(dy, x, *, out, accumulate) -> (N, K) float32         dy, x FP8Tensor (128,1)
+    grouped_gemm_contiguous(a, b, m_offsets, host_offsets, *, out_dtype, out) -> (sum M_g, N)
+    grouped_gemm_masked(a, b, masked_m, host_masked_m, *, out_dtype, out) -> (G, M_max, N)
+
+where ``host_*`` is the same index tensor when the caller passed it on the CPU, else None (read the
+device tensor: no host sync).
 """
 
 from __future__ import annotations

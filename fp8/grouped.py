@@ -50,7 +50,7 @@ def grouped_gemm_contiguous(
     _check_offsets(m_offsets, g, aq.shape[0])
     out_dtype = resolve_out(out, out_dtype, False, (aq.shape[0], n))
     _, impl = select_backend("grouped_gemm_contiguous", aq.device, backend)
-    return impl(aq, bq, m_offsets, out_dtype=out_dtype, out=out)
+    return impl(aq, bq, m_offsets, _host_copy(m_offsets), out_dtype=out_dtype, out=out)
 
 
 def grouped_gemm_masked(
@@ -82,7 +82,7 @@ def grouped_gemm_masked(
     _check_masked_m(masked_m, g, aq.shape[1])
     out_dtype = resolve_out(out, out_dtype, False, (g, aq.shape[1], n))
     _, impl = select_backend("grouped_gemm_masked", aq.device, backend)
-    return impl(aq, bq, masked_m, out_dtype=out_dtype, out=out)
+    return impl(aq, bq, masked_m, _host_copy(masked_m), out_dtype=out_dtype, out=out)
 
 
 def _check_grouped_b(bq: FP8Tensor, aq: FP8Tensor) -> tuple[int, int, int]:
@@ -130,6 +130,12 @@ def _check_masked_m(masked_m: torch.Tensor, g: int, m_max: int) -> None:
         raise ValueError(f"masked_m={masked_m.tolist()} must be within [0, M_max={m_max}]")
 
 
+def _host_copy(index: torch.Tensor) -> torch.Tensor | None:
+    """The index as a CPU tensor when it already is one (free), else None: implementations that need the
+    values on the host (the reference) copy them themselves; the kernels read the device tensor."""
+    return index if index.device.type == "cpu" else None
+
+
 def _group(t: FP8Tensor, g: int, rows: slice | None = None) -> FP8Tensor:
     """Expert g's 2-D slice of a stacked FP8Tensor (rows of the 1x128 scales follow the data rows)."""
     data, scale = t.data[g], t.scale[g]
@@ -143,13 +149,14 @@ def _contiguous_reference(
     a: FP8Tensor,
     b: FP8Tensor,
     m_offsets: torch.Tensor,
+    host_offsets: torch.Tensor | None,
     *,
     out_dtype: torch.dtype,
     out: torch.Tensor | None,
 ) -> torch.Tensor:
     if out is None:
         out = torch.empty(a.shape[0], b.shape[1], dtype=out_dtype, device=a.device)
-    bounds = m_offsets.tolist()
+    bounds = (m_offsets if host_offsets is None else host_offsets).tolist()
     for g in range(b.shape[0]):  # one vectorised GEMM per expert (experts are few; tiles are not looped)
         lo, hi = bounds[g], bounds[g + 1]
         if hi > lo:
@@ -163,6 +170,7 @@ def _masked_reference(
     a: FP8Tensor,
     b: FP8Tensor,
     masked_m: torch.Tensor,
+    host_masked_m: torch.Tensor | None,
     *,
     out_dtype: torch.dtype,
     out: torch.Tensor | None,
@@ -170,7 +178,7 @@ def _masked_reference(
     g_count, m_max, n = a.shape[0], a.shape[1], b.shape[1]
     if out is None:
         out = torch.empty(g_count, m_max, n, dtype=out_dtype, device=a.device)
-    for g, m in enumerate(masked_m.tolist()):
+    for g, m in enumerate((masked_m if host_masked_m is None else host_masked_m).tolist()):
         if m > 0:
             out[g, :m] = gemm_nt_fp32(_group(a, g, slice(0, m)), _group(b, g))
         out[g, m:] = 0
