@@ -172,17 +172,31 @@ class Comm:
         pending.meta = True
         return pending
 
-    def check_signature(self, received: torch.Tensor, signature: dict[str, int], what: str) -> list[int]:
-        """Validate the peers' signatures; returns the counts column as a Python list (host sync)."""
+    def check_signature(
+        self,
+        received: torch.Tensor,
+        signature: dict[str, int],
+        what: str,
+        labels: dict[str, Sequence[str]] | None = None,
+    ) -> list[int]:
+        """Validate the peers' signatures; returns the counts column as a Python list (host sync).
+
+        ``labels[name][code]`` names an encoded value in the error message (e.g. dtype codes)."""
         received = received.cpu()
+        labels = labels or {}
+
+        def show(name: str, v: int) -> str:
+            names = labels.get(name)
+            return names[v] if names is not None and 0 <= v < len(names) else str(v)
+
         for peer in range(self.world_size):
             theirs = received[peer, 1:].tolist()
             for (name, value), other in zip(signature.items(), theirs):
                 if other != value:
                     raise ValueError(
-                        f"moe_comm {what}: {self.describe(peer)} called with {name}={other} but "
-                        f"{self.describe(self.rank)} has {name}={value}; every rank of the expert-parallel "
-                        "group must use the same value"
+                        f"moe_comm {what}: {self.describe(peer)} called with {name}={show(name, other)} but "
+                        f"{self.describe(self.rank)} has {name}={show(name, value)}; every rank of the "
+                        "expert-parallel group must use the same value"
                     )
         return received[:, 0].tolist()
 

@@ -50,6 +50,7 @@ from moe_comm.stages import DynamicStage, RowFormat, StaticStage
 __all__ = ["Dispatcher", "DispatchHandle", "DispatchResult", "Work", "sum_pairs_fp32"]
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
+_SIGNATURE_LABELS = {"dtype": [str(d) for d in _DTYPE_CODES], "payload": ["native", "fp8"]}
 _PAYLOADS = ("native", "fp8")
 
 
@@ -314,12 +315,12 @@ class Dispatcher:
     def _signature(self, x: torch.Tensor, idx: torch.Tensor, payload: str) -> dict[str, int]:
         return {
             "hidden size": x.shape[1],
-            "dtype code (fp32=0 bf16=1 fp16=2 fp64=3)": _DTYPE_CODES[x.dtype],
+            "dtype": _DTYPE_CODES[x.dtype],
             "top-k": idx.shape[1],
             "num_experts": self.num_experts,
             "ranks_per_node": self.topo.ranks_per_node,
             "hierarchical": int(self.hierarchical),
-            "payload (native=0 fp8=1)": _PAYLOADS.index(payload),
+            "payload": _PAYLOADS.index(payload),
             "capacity (0 = exact counts)": self.capacity or 0,
         }
 
@@ -340,7 +341,7 @@ class Dispatcher:
         if self.capacity is not None and tuple(sig.values()) not in self._checked:
             zeros = torch.zeros(comm.world_size, dtype=torch.long)
             got = yield comm.exchange_counts(zeros, sig, "dispatch check")
-            comm.check_signature(got, sig, "dispatch")
+            comm.check_signature(got, sig, "dispatch", _SIGNATURE_LABELS)
             self._checked.add(tuple(sig.values()))
         if self.hierarchical:  # hop 0 to the same local index on each target node, hop 1 inside the node
             R, li = topo.ranks_per_node, topo.local_index(self.rank)
@@ -358,7 +359,7 @@ class Dispatcher:
             if self.capacity is None:
                 st = DynamicStage(comm, target)
                 got = yield comm.exchange_counts(st.send_counts, {**sig, "hop": s}, what + " counts")
-                st.recv_splits = comm.check_signature(got, {**sig, "hop": s}, what)
+                st.recv_splits = comm.check_signature(got, {**sig, "hop": s}, what, _SIGNATURE_LABELS)
             else:
                 st = StaticStage(comm, target, self.capacity, min(idx.shape[1], self.num_local_experts))
             buf = st.pack(fmt, rows, meta, weights, origin)
