@@ -15,7 +15,8 @@ and the shared experts are replicated like any dense layer.
 Overlap. ``forward_steps(x)`` is the same forward as a generator that yields an asynchronous ``Work`` at
 each communication point and resumes with its result; ``moe_comm.overlap.interleave`` runs two micro-batches'
 generators so that one's dispatch/combine is in flight while the other computes. The shared experts of a
-micro-batch run while its own dispatch is in flight.
+micro-batch run while its own dispatch is in flight. ``forward_pieces(x)`` is the same forward for
+dualpipe's overlap hook (one micro-batch's forward against another's backward, see pipeline_pieces.py).
 """
 
 from __future__ import annotations
@@ -102,3 +103,10 @@ class MoELayer(nn.Module):
         if shared is not None:
             out = out + shared
         return out.view(shape)
+
+    def forward_pieces(self, x: torch.Tensor):
+        """The forward for dualpipe's overlap hook: pieces separated by the dispatch and combine points
+        (moe_comm/pipeline_pieces.py)."""
+        from moe_comm.pipeline_pieces import moe_forward_pieces
+
+        return moe_forward_pieces(self, x)
