@@ -27,7 +27,15 @@ import torch
 import torch.nn as nn
 
 from fp8.gemm import gemm, gemm_wgrad
-from fp8.quant import BLOCK, FP8Tensor, ScaleFormat, quantize_1x128, quantize_128x1, quantize_128x128
+from fp8.quant import (
+    BLOCK,
+    FP8Tensor,
+    ScaleFormat,
+    _sm90_kernels,
+    quantize_1x128,
+    quantize_128x1,
+    quantize_128x128,
+)
 
 
 class _FP8LinearFunction(torch.autograd.Function):
@@ -45,7 +53,11 @@ class _FP8LinearFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         in_shape = x.shape
         x2 = x.reshape(-1, in_shape[-1])
-        xq = quantize_1x128(x2, scale_format=scale_format, check_finite=check_finite)
+        xt = None
+        if save_for_wgrad:  # both operand forms of x in one pass (one kernel on Hopper)
+            xq, xt = _quantize_1x128_and_128x1(x2, scale_format, check_finite, "x")
+        else:
+            xq = quantize_1x128(x2, scale_format=scale_format, check_finite=check_finite)
         wq = quantize_128x128(weight, scale_format=scale_format, check_finite=check_finite, arg="weight")
         if bias is None:
             y = gemm(xq, wq, out_dtype=x.dtype, backend=backend)
@@ -54,8 +66,7 @@ class _FP8LinearFunction(torch.autograd.Function):
         saved: list[torch.Tensor] = []
         if save_for_dgrad:
             saved += [wq.data, wq.scale]
-        if save_for_wgrad:
-            xt = quantize_128x1(x2, scale_format=scale_format, check_finite=False)
+        if xt is not None:
             saved += [xt.data, xt.scale]
         ctx.save_for_backward(*saved)
         ctx.meta = (in_shape, x.dtype, weight.dtype, scale_format, backend, save_for_dgrad, save_for_wgrad)
@@ -69,17 +80,36 @@ class _FP8LinearFunction(torch.autograd.Function):
         saved = list(ctx.saved_tensors)
         dy2 = dy.reshape(-1, dy.shape[-1])
         dx = dw = db = None
-        if ctx.needs_input_grad[0] and has_w:
+        need_dx, need_dw = ctx.needs_input_grad[0] and has_w, ctx.needs_input_grad[1] and has_x
+        dyq = dyt = None
+        if need_dx and need_dw:  # both operand forms of dy in one pass (one kernel on Hopper)
+            dyq, dyt = _quantize_1x128_and_128x1(dy2, fmt, False, "dy")
+        if need_dx:
             w_t = FP8Tensor(saved[0], saved[1], (BLOCK, BLOCK), fmt).t()  # (K, N) blocks of W.T
-            dyq = quantize_1x128(dy2, scale_format=fmt, check_finite=False, arg="dy")
+            if dyq is None:
+                dyq = quantize_1x128(dy2, scale_format=fmt, check_finite=False, arg="dy")
             dx = gemm(dyq, w_t, out_dtype=x_dtype, backend=backend).view(in_shape)
-        if ctx.needs_input_grad[1] and has_x:
+        if need_dw:
             xt = FP8Tensor(saved[-2], saved[-1], (BLOCK, 1), fmt)
-            dyt = quantize_128x1(dy2, scale_format=fmt, check_finite=False, arg="dy")
+            if dyt is None:
+                dyt = quantize_128x1(dy2, scale_format=fmt, check_finite=False, arg="dy")
             dw = gemm_wgrad(dyt, xt, backend=backend).to(w_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.float().sum(dim=0).to(ctx.bias_dtype)
         return dx, dw, db, None, None, None, None, None
+
+
+def _quantize_1x128_and_128x1(
+    x2: torch.Tensor, fmt: ScaleFormat, check_finite: bool, arg: str
+) -> tuple[FP8Tensor, FP8Tensor]:
+    """x2 (M, K) quantized 1x128 (GEMM operand) and 128x1 (weight-grad operand): one fused pass of the
+    csrc/fp8 kernel on Hopper with the extension built, else the two quantizers."""
+    if _sm90_kernels(x2):
+        from fp8.cuda_gemm_ops import quantize_1x128_128x1_cuda
+
+        return quantize_1x128_128x1_cuda(x2, fmt, check_finite=check_finite, arg=arg)
+    xq = quantize_1x128(x2, scale_format=fmt, check_finite=check_finite, arg=arg)
+    return xq, quantize_128x1(x2, scale_format=fmt, check_finite=False, arg=arg)
 
 
 def fp8_linear(

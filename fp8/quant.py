@@ -255,9 +255,14 @@ def quantize_128x128(
 
     w: (..., N, K) float32 / bfloat16 / float16 (e.g. (N, K), or (G, N, K) for G experts).
     Returns FP8Tensor(block=(128, 128)): data (..., N, K), scale (..., ceil(N/128), ceil(K/128)).
+    On a Hopper GPU with the extension built this runs the csrc/fp8 kernel (bit-identical).
     """
     fmt = ScaleFormat.parse(scale_format)
     _check_input(w, arg, min_dim=2)
+    if _sm90_kernels(w):
+        from fp8.cuda_gemm_ops import quantize_128x128_cuda
+
+        return quantize_128x128_cuda(w, fmt, check_finite=check_finite, arg=arg)
     q, scale = quantize_blockwise(w, BLOCK, BLOCK, scale_format=fmt, check_finite=check_finite, arg=arg)
     return FP8Tensor(q, scale, (BLOCK, BLOCK), fmt)
 
@@ -273,11 +278,26 @@ def quantize_128x1(
 
     x: (..., M, K) float32 / bfloat16 / float16 with M the token dim (the GEMM's contraction dim).
     Returns FP8Tensor(block=(128, 1)): data (..., M, K), scale (..., ceil(M/128), K).
+    On a Hopper GPU with the extension built this runs the csrc/fp8 kernel (bit-identical); a 2-D result's
+    data is then a transposed view (token-contiguous storage, what the weight-grad kernel reads).
     """
     fmt = ScaleFormat.parse(scale_format)
     _check_input(x, arg, min_dim=2)
+    if _sm90_kernels(x):
+        from fp8.cuda_gemm_ops import quantize_128x1_cuda
+
+        return quantize_128x1_cuda(x, fmt, check_finite=check_finite, arg=arg)
     q, scale = quantize_blockwise(x, BLOCK, 1, scale_format=fmt, check_finite=check_finite, arg=arg)
     return FP8Tensor(q, scale, (BLOCK, 1), fmt)
+
+
+def _sm90_kernels(x: torch.Tensor) -> bool:
+    """Whether csrc/fp8's sm_90a kernels can quantize ``x``: a CUDA tensor on Hopper, extension built."""
+    if not x.is_cuda:
+        return False
+    from fp8._ext import has_extension
+
+    return has_extension("fp8") and torch.cuda.get_device_capability(x.device) == (9, 0)
 
 
 def _check_input(x: torch.Tensor, arg: str, *, min_dim: int) -> None:
