@@ -25,6 +25,10 @@ Without MTP the boundary is ``(h,)``.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Generator
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,6 +37,25 @@ from examples.deepseek_v3.config import ModelConfig
 from examples.deepseek_v3.moe import build_moe
 
 INIT_STD = 0.02
+Pieces = Generator[Any, Any, Any]  # a forward_pieces generator (dualpipe.overlap)
+
+
+def thread_carry(gen: Pieces, extra: tuple[torch.Tensor, ...]) -> Pieces:
+    """Run a ``forward_pieces`` generator, adding ``extra`` to every CommPoint's ``carry``.
+
+    Tensors the caller keeps across the inner module's communication points (a residual, the MTP's
+    embeddings) then pass each point as carried leaves instead of reaching back into an earlier piece's
+    graph. Returns ``(inner result, extra as it comes out of the last point)``.
+    """
+    n, send = len(extra), None
+    while True:
+        try:
+            point = gen.send(send)
+        except StopIteration as stop:
+            return stop.value, extra
+        received = yield dataclasses.replace(point, carry=tuple(point.carry) + tuple(extra))
+        received = tuple(received)
+        send, extra = received[: len(received) - n], received[len(received) - n :]
 
 
 class RMSNorm(nn.Module):
@@ -144,6 +167,19 @@ class Block(nn.Module):
         h = h + self.attn(self.attn_norm(h))
         return h + self.ffn(self.ffn_norm(h))
 
+    def forward_pieces(self, h: torch.Tensor, *extra: torch.Tensor) -> Pieces:
+        """The same forward for dualpipe's overlap hook: the MoE's dispatch and combine are the points.
+
+        ``extra`` tensors (and the residual) are threaded through every point's ``carry`` so that the
+        graph is cut cleanly there; returns ``(h, *extra)``.
+        """
+        h = h + self.attn(self.attn_norm(h))
+        inner = getattr(self.ffn, "forward_pieces", None)
+        if inner is None:
+            return (h + self.ffn(self.ffn_norm(h)), *extra)
+        out, (h, *extra) = yield from thread_carry(inner(self.ffn_norm(h)), (h, *extra))
+        return (h + out, *extra)
+
 
 class MTPModule(nn.Module):
     """One multi-token-prediction depth: block(proj([norm(emb(t_{i+k+1})); norm(h_i)])), then its own norm."""
@@ -160,6 +196,10 @@ class MTPModule(nn.Module):
         """h_prev (B, T', dim) at positions i, emb_next (B, T', dim) of tokens i+k+1 -> (B, T', dim)."""
         h = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))
         return self.block(h)
+
+    def forward_pieces(self, h_prev: torch.Tensor, emb_next: torch.Tensor, *extra: torch.Tensor) -> Pieces:
+        h = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))
+        return (yield from self.block.forward_pieces(h, *extra))
 
 
 class Stage(nn.Module):
@@ -186,22 +226,29 @@ class Stage(nn.Module):
             self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
             self.mtp = nn.ModuleList(MTPModule(cfg, k) for k in range(cfg.mtp_depth))
 
-    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _start(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.first:
             (tokens,) = inputs
-            h = h0 = self.embed(tokens)
-        elif self.cfg.mtp_depth > 0:
+            h = self.embed(tokens)
+            return h, h
+        if self.cfg.mtp_depth > 0:
             h, h0 = inputs
-        else:
-            (h,) = inputs
-            h0 = None
+            return h, h0
+        (h,) = inputs
+        return h, None
+
+    def _boundary(self, h: torch.Tensor, h0: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        if h0 is None:
+            return (h,)
+        # view_as: never hand the input tensor itself back as an output (keeps autograd graphs per stage)
+        return h, h0.view_as(h0)
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        h, h0 = self._start(inputs)
         for block in self.layers.values():
             h = block(h)
         if not self.last:
-            if self.cfg.mtp_depth == 0:
-                return (h,)
-            # view_as: never hand the input tensor itself back as an output (keeps autograd graphs per stage)
-            return h, h0.view_as(h0)
+            return self._boundary(h, h0)
         logits = self.head(self.norm(h))
         outs = [logits]
         hk = h
@@ -209,6 +256,21 @@ class Stage(nn.Module):
             hk = mtp(hk[:, :-1], h0[:, k + 1 :])
             outs.append(self.head(mtp.norm(hk)))
         return tuple(outs)
+
+    def forward_pieces(self, *inputs: torch.Tensor) -> Pieces:
+        """``forward`` as pieces for dualpipe's overlap hook (one piece per stretch between MoE points)."""
+        h, h0 = self._start(inputs)
+        extra = () if h0 is None else (h0,)
+        for block in self.layers.values():
+            h, *extra = yield from block.forward_pieces(h, *extra)
+        h0 = extra[0] if extra else None
+        if not self.last:
+            return self._boundary(h, h0)
+        hk, mtp_outs = h, []
+        for k, mtp in enumerate(self.mtp):
+            hk, h, h0, *mtp_outs = yield from mtp.forward_pieces(hk[:, :-1], h0[:, k + 1 :], h, h0, *mtp_outs)
+            mtp_outs.append(self.head(mtp.norm(hk)))
+        return (self.head(self.norm(h)), *mtp_outs)
 
 
 def lm_loss(

@@ -37,7 +37,7 @@ KIND_NAMES = {
     "allreduce": "other collectives (DP gradients, ...)",
 }
 STEP_SPAN = "pipeline_step"  # the trainer's span around one step's forward/backward work
-_SPAN_RE = re.compile(r"^(F&B|F|B|W|dispatch|combine)(\b|$|[^A-Za-z])")
+_SPAN_RE = re.compile(r"^(F&B|F|B|W|dispatch|combine)(\.backward)?$")
 _NOT_COMPUTE = re.compile(r"^(c10d::|aten::to$|aten::_to_copy$|aten::item$|aten::_local_scalar_dense$)")
 
 

@@ -61,6 +61,8 @@ class TrainSettings:
     profile_start: int = -1  # first profiled step (-1: no profiling)
     profile_steps: int = 2
     peak_tflops: float | None = None
+    weight_split: str = "generic"  # zero-bubble W split of the pipeline: generic | linear | none
+    pp_timeout_s: float = 300.0
     crash_in_checkpoint_at: int = -1  # tests only: the process dies while writing this step's checkpoint
 
 
@@ -175,7 +177,17 @@ class Trainer:
                 self.start_step = int(meta["step"])
         self.pipeline = None
         if lay.pp > 1:
-            raise NotImplementedError("pipeline parallelism waits for the dualpipe runtime")
+            from dualpipe.pipeline import DualPipe, DualPipeV, Pipeline1F1B, PipelineZB1P
+
+            cls = {"dualpipev": DualPipeV, "dualpipe": DualPipe, "1f1b": Pipeline1F1B, "zb1p": PipelineZB1P}
+            mods = self.model.stages
+            self.pipeline = cls[lay.schedule](
+                mods if len(mods) > 1 else mods[0],
+                process_group=self.groups.pp,
+                num_stages=lay.num_stages,
+                weight_split=t.weight_split,
+                timeout_s=t.pp_timeout_s,
+            )
 
     # ---- one step ---------------------------------------------------------------------------------
     def _autocast(self):
@@ -187,6 +199,20 @@ class Trainer:
         """Run this rank's share of the step; returns (sum of unscaled chunk losses here, their count)."""
         lay, t = self.spec.layout, self.spec.train
         scale = 1.0 / lay.num_chunks
+        if self.pipeline is not None:
+            # every rank passes the shard's tokens; the pipeline uses them where a chain starts or ends
+            def criterion(*outs_and_labels: torch.Tensor) -> torch.Tensor:
+                *outs, targets = outs_and_labels
+                return lm_loss(*outs, targets=targets, mtp_weight=t.mtp_weight, scale=scale)
+
+            with self._autocast():
+                loss, _ = self.pipeline.step(
+                    tokens[:, :-1], num_chunks=lay.num_chunks, criterion=criterion, labels=(tokens[:, 1:],)
+                )
+            # DualPipe returns every micro-batch's loss on both ends: count them once (pipeline rank 0)
+            if loss is None or (lay.schedule == "dualpipe" and self.model.pp_rank != 0):
+                return 0.0, 0
+            return float(loss.double().sum()) / scale, loss.numel()
         total, count = 0.0, 0
         model = self.model.stages[0]
         for mb in tokens.chunk(lay.num_chunks):
@@ -225,13 +251,29 @@ class Trainer:
         return norm
 
     def _update_router_bias(self) -> None:
-        """Aux-loss-free balancing: each router's bias moves by the sign of its load error over the job."""
-        routers = self.model.routers
-        if not routers:
-            return
-        load = torch.stack([r.load for r in routers])  # one all-reduce for every router of this rank
-        if self.groups is not None and self.groups.data is not None:
-            dist.all_reduce(load, group=self.groups.data)
+        """Aux-loss-free balancing: each router's bias moves by the sign of its load error over the job.
+
+        The load of a router is summed over the data-parallel replicas of its stage (one all-reduce for
+        all routers of the rank) and, with DualPipe, over the stage's two copies, which see different
+        micro-batches (one per direction) and must keep the same bias.
+        """
+        lay, cfg = self.spec.layout, self.spec.model
+        per_stage = [[m for m in st.modules() if isinstance(m, DeepSeekV3Router)] for st in self.model.stages]
+        routers = [r for rs in per_stage for r in rs]
+        load = torch.zeros(0, cfg.n_routed_experts)
+        if routers:
+            load = torch.stack([r.load for r in routers])
+            if self.groups is not None and self.groups.data is not None:
+                dist.all_reduce(load, group=self.groups.data)
+        if lay.schedule == "dualpipe" and lay.pp > 1:
+            n_max = cfg.n_layers // lay.num_stages + cfg.mtp_depth  # routers of a stage, at most
+            buf = torch.zeros(lay.pp, n_max, cfg.n_routed_experts, dtype=torch.float32)
+            offset = 0
+            for sid, rs in zip(self.model.stage_ids, per_stage):
+                buf[sid, : len(rs)] = load[offset : offset + len(rs)]
+                offset += len(rs)
+            dist.all_reduce(buf, group=self.groups.pp)
+            load = torch.cat([buf[sid, : len(rs)] for sid, rs in zip(self.model.stage_ids, per_stage)])
         for r, ld in zip(routers, load):
             r.update_bias(load=ld)
 
