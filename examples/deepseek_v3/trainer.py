@@ -406,10 +406,16 @@ def _measured(tr: Trainer, trace: Path) -> dict[str, float]:
 
 
 def _start_profiler(device: torch.device):
+    """CPU (+ CUDA) activity on every thread: communication libraries run their transfers on their own
+    threads (gloo's workers, moe_comm's communication thread), which the overlap report needs to see."""
+    from torch._C._profiler import _ExperimentalConfig
+
     acts = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         acts.append(torch.profiler.ProfilerActivity.CUDA)
-    prof = torch.profiler.profile(activities=acts)
+    prof = torch.profiler.profile(
+        activities=acts, experimental_config=_ExperimentalConfig(profile_all_threads=True)
+    )
     prof.start()
     return prof
 

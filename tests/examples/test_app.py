@@ -1,5 +1,8 @@
 """The training app's entry: hydra config, bad configurations rejected before any process group exists."""
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -78,3 +81,31 @@ def test_launcher_detection():
     assert launch.launcher_world_size("mpi", {"PMI_SIZE": "8"}) == 8
     with pytest.raises(ValueError, match="launch.backend='mpi' must be auto, gloo or nccl"):
         launch.resolve_backend("mpi")
+
+
+def test_main_job_command_end_to_end(tmp_path):
+    """README's first command, shortened: 4 local ranks (PP2 DualPipeV x EP2), metrics, traces, report."""
+    pytest.importorskip("dualpipe.pipeline")  # TEMPORARY: until the dualpipe runtime is committed
+    repo = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-m", "examples.deepseek_v3.train", f"hydra.run.dir={tmp_path}", "train.steps=6"]
+    cmd += ["train.log_every=3", "train.profile_start=1", "train.ckpt_every=6", "launch.timeout_s=120"]
+    r = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    lines = [ln for ln in out.splitlines() if "| loss" in ln]
+    assert len(lines) == 2, out[-3000:]
+    for ln in lines:
+        for field in ("tok/s", "MFU", "bubble", "comm hidden", "a2a", "p2p"):
+            assert field in ln, ln
+    assert "train: 100%" in out  # the tqdm bar
+    traces = sorted(tmp_path.glob("trace_rank*.json"))
+    assert [t.name for t in traces] == [f"trace_rank{r}.json" for r in range(4)]
+    names = {e["name"] for e in json.loads(traces[0].read_text())["traceEvents"] if e.get("ph") == "X"}
+    for span in ("dispatch", "combine", "gloo:all_to_all"):
+        assert span in names, span
+    assert any(n.startswith("dualpipe.F") for n in names) and any(n.startswith("dualpipe.W") for n in names)
+    rep = json.loads((tmp_path / "overlap_report.json").read_text())
+    assert sorted(rep["ranks"]) == ["0", "1", "2", "3"]
+    assert {"F", "B", "W", "dispatch", "combine"} <= set(rep["ranks"]["0"]["spans_ms"])
+    assert 0 <= rep["hidden_fraction"] <= 1 and 0 <= rep["bubble_fraction"] <= 1
+    assert (tmp_path / "checkpoints" / "step_00000006" / "COMPLETE").is_file()
