@@ -113,7 +113,8 @@ def shard_experts(
     """In place: every MoE layer of ``module`` keeps routed experts [ep_rank * E / ep, (ep_rank + 1) * E / ep)
     (copied from its full set) and dispatches over ``group`` (the expert-parallel group, ``ep`` ranks).
 
-    ``backend="fp8"`` runs the routed experts' GEMMs through fp8.grouped_gemm_contiguous.
+    ``backend="fp8"`` dispatches tokens as FP8 (1x128 scales, as DeepSeek-V3 does) and runs the routed
+    experts' GEMMs through fp8.grouped_gemm_contiguous on that payload; the combine stays high precision.
     """
     for layer in moe_layers(module):
         full = layer.experts
@@ -129,5 +130,6 @@ def shard_experts(
             getattr(local, name).copy_(getattr(full, name)[lo : lo + n])
         local.expert_offset = lo
         layer.experts = local
+        layer.payload = "fp8" if backend == "fp8" else "native"  # FP8 experts read the FP8 dispatch payload
         if group is not None and ep > 1:
             layer.dispatcher = TracedDispatcher(Dispatcher(group, e, timeout=timeout))
