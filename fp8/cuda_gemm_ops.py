@@ -339,32 +339,47 @@ def _check_gemm_operands(a, sfa, b, sfb, op: str) -> tuple[int, int, int]:
     return m, n, k
 
 
+def _dense_operand(t: torch.Tensor, rows: int, k16: int) -> torch.Tensor:
+    """t (R, K) e4m3 as the dense kernel's can_implement accepts it: (rows, k16) with K and the row stride
+    multiples of 16 and a 16-byte aligned base. ``t`` itself when it already is, else a zero-padded copy
+    (zero codes add nothing; ceil(k16 / 128) == ceil(K / 128), so the scales are unchanged)."""
+    r, k = t.shape
+    if (rows, k16) == (r, k) and t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.stride(0) >= k:
+        if t.data_ptr() % 16 == 0:
+            return t
+    buf = t.new_zeros(rows, k16)
+    buf[:r, :k].copy_(t)
+    return buf
+
+
 def _launch_gemm_nt(a, sfa, b, sfb, out: torch.Tensor, accumulate: bool) -> None:
-    """out (M, N) bf16/fp32 with 16-byte aligned rows (+)= a @ b.T on the kernel."""
+    """out (M, N_out) bf16/fp32, N_out >= N a multiple of 16 bytes, (+)= a @ b.T on the kernel (the rows of
+    b past N are zero padding, so out[:, N:] is 0 or unchanged)."""
     m, k = a.shape
-    n = b.shape[0]
-    a, lda = _rows16(a)
-    b, ldb = _rows16(b)
+    n_out, k16 = out.shape[1], _round_up(k, 16)
+    a, b = _dense_operand(a, m, k16), _dense_operand(b, n_out, k16)
     sfa, sfb = _f32(sfa), _f32(sfb)
     dev = a.device
     with torch.cuda.device(dev):
-        ws = _workspace(_dense_workspace_bytes(dev.index, out.dtype, m, n, k, accumulate), dev)
-        ext, stream, ldd = _ext(), stream_handle(dev), out.stride(0)
+        ws = _workspace(_dense_workspace_bytes(dev.index, out.dtype, m, n_out, k16, accumulate), dev)
+        ext, stream, lda, ldb, ldd = _ext(), stream_handle(dev), a.stride(0), b.stride(0), out.stride(0)
         if out.dtype == torch.bfloat16:
             ext.sm90_fp8_gemm_nt_1x128_128x128_bf16(
                 a.data_ptr(), lda, sfa.data_ptr(), b.data_ptr(), ldb, sfb.data_ptr(), out.data_ptr(), ldd,
-                m, n, k, ws.data_ptr(), ws.numel(), stream,
+                m, n_out, k16, ws.data_ptr(), ws.numel(), stream,
             )  # fmt: skip
         else:
             ext.sm90_fp8_gemm_nt_1x128_128x128_f32(
                 a.data_ptr(), lda, sfa.data_ptr(), b.data_ptr(), ldb, sfb.data_ptr(), out.data_ptr(), ldd,
-                accumulate, m, n, k, ws.data_ptr(), ws.numel(), stream,
+                accumulate, m, n_out, k16, ws.data_ptr(), ws.numel(), stream,
             )  # fmt: skip
 
 
 def _rows_aligned(out: torch.Tensor) -> bool:
+    """CUTLASS's can_implement wants N and the row stride of D multiples of 16 bytes (TMA)."""
     align = 16 // out.element_size()
-    return out.stride(-1) == 1 and out.stride(0) % align == 0 and out.data_ptr() % 16 == 0
+    aligned = out.shape[1] % align == 0 and out.stride(0) % align == 0 and out.data_ptr() % 16 == 0
+    return out.stride(-1) == 1 and aligned
 
 
 @torch.library.custom_op("frugal_fp8::gemm_nt", mutates_args=(), device_types="cuda")

@@ -15,7 +15,8 @@ namespace frugal::fp8 {
 
 // D (M, N) = A (M, K) . B (N, K)^T; A e4m3 row-major (row stride lda) with sfa (M, ceil(K/128)) fp32
 // row-major (1x128); B e4m3 row-major (row stride ldb) with sfb (ceil(N/128), ceil(K/128)) fp32 row-major
-// (128x128). D row-major with row stride ldd.
+// (128x128). D row-major with row stride ldd. K must be a multiple of 16 and N of 8 (bf16) / 4 (fp32), as
+// CUTLASS's can_implement requires of TMA operands: callers zero-pad (fp8/cuda_gemm_ops.py does).
 //   out_bf16: D bf16 = bf16(acc).
 //   out_f32:  D fp32 = acc (+ D when accumulate: D += A.B^T, one fp32 rounding per element).
 int64_t sm90_fp8_gemm_nt_1x128_128x128_bf16_workspace(int64_t M, int64_t N, int64_t K);

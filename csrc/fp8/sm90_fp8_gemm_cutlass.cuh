@@ -257,6 +257,10 @@ typename Cfg::Gemm::Arguments dense_arguments(std::uintptr_t a, int64_t lda, std
   constexpr int kAlignD = align_of_output<typename Cfg::ElementD>();
   FRUGAL_CHECK(ldd % kAlignD == 0 && d % 16 == 0,
                name << ": ldd=" << ldd << " must be a multiple of " << kAlignD << " and D 16-byte aligned (TMA)");
+  // CUTLASS's can_implement also wants the contiguous extents aligned (the wrappers zero-pad K and N).
+  FRUGAL_CHECK(K % kAlignFP8 == 0 && N % kAlignD == 0,
+               name << ": K=" << K << " must be a multiple of 16 and N=" << N << " of " << kAlignD
+                    << " (zero-pad the operands: padding adds nothing)");
   using Gemm = typename Cfg::Gemm;
   using ElementD = typename Cfg::ElementD;
   typename Cfg::StrideA stride_a = cute::make_stride(lda, cute::Int<1>{}, int64_t(M) * lda);

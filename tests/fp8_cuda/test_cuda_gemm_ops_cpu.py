@@ -123,6 +123,16 @@ def test_rows16_keeps_aligned_rows_and_copies_the_rest():
     assert ld == 48 and torch.equal(copy[:, :40].view(torch.uint8), t.contiguous().view(torch.uint8))
 
 
+def test_dense_operand_meets_cutlass_alignment_rule():
+    base = torch.randn(5, 64).to(E4M3)
+    assert ops._dense_operand(base[:, :32], 5, 32).data_ptr() == base.data_ptr()  # K, stride multiples of 16
+    tail = ops._dense_operand(base[:, :40], 8, 48)  # K=40: zero-padded to 48 columns, and rows to 8
+    assert tail.shape == (8, 48) and torch.equal(
+        tail[:5, :40].view(torch.uint8), base[:, :40].view(torch.uint8)
+    )
+    assert not tail[:5, 40:].view(torch.uint8).any() and not tail[5:].view(torch.uint8).any()
+
+
 def test_pad_k16_zero_pads():
     x = torch.randn(2, 3, 100).to(E4M3)
     p = ops._pad_k16(x)
