@@ -9,6 +9,7 @@ Resume from a checkpoint is bitwise.
 """
 
 import dataclasses
+import shutil
 
 import pytest
 import torch
@@ -85,11 +86,19 @@ def test_dp2_matches_single_process_then_crash_and_bitwise_resume(tmp_path, refe
 def test_parallel_layout_matches_single_process(tmp_path, reference, layout):
     if layout.pp > 1:
         pytest.importorskip("dualpipe.pipeline")  # TEMPORARY: until the dualpipe runtime is committed
-    out = run_ranks(_train_rank, layout.world_size, args=(_spec(tmp_path, layout),))
+    root = tmp_path / "ck"
+    out = run_ranks(
+        _train_rank, layout.world_size, args=(_spec(tmp_path, layout, ckpt_every=3, ckpt_dir=str(root)),)
+    )
     for r in out[1:]:
         assert r["losses"] == out[0]["losses"]  # every rank reports the same global figures
     _close(out[0]["losses"], reference["losses"])
     _close(out[0]["grad_norms"], reference["grad_norms"])
+    # the step-3 checkpoint of this layout resumes in ONE process: names and shards are layout-free
+    shutil.rmtree(root / "step_00000006")
+    single = train(_spec(tmp_path / "single", Layout(num_chunks=2), ckpt_dir=str(root)), progress=False)
+    assert single["start_step"] == 3
+    _close(single["losses"], reference["losses"][3:])
 
 
 def test_load_refuses_an_unmarked_checkpoint(tmp_path):
