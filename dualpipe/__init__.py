@@ -1,10 +1,24 @@
 """Bidirectional pipeline parallelism (DualPipe, DualPipeV) with 1F1B / zero-bubble baselines.
 
-Schedules are data (per-rank action lists, ``dualpipe.schedules``); one runtime executes any schedule
-over torch.distributed P2P (gloo or NCCL, unchanged) and one simulator (``dualpipe.simulate``) prices
-any schedule.
+Schedules are data (per-rank action lists, ``dualpipe.schedules``); one runtime (``dualpipe.runtime``,
+driven by the pipelines of ``dualpipe.pipeline``) executes any schedule over torch.distributed P2P and
+one simulator (``dualpipe.simulate``) prices any schedule. ``dualpipe.overlap`` is the hook that lets a
+module mark communication points so one micro-batch's communication runs under another's compute;
+``dualpipe.weight_split`` holds the zero-bubble weight-gradient policies.
 """
 
+from dualpipe.overlap import (
+    CommPoint,
+    Completed,
+    OverlapFn,
+    PendingComm,
+    interleave,
+    pieces,
+    run_pieces,
+    sequential,
+)
+from dualpipe.p2p import PeerError
+from dualpipe.pipeline import DualPipe, DualPipeV, Pipeline, Pipeline1F1B, PipelineZB1P, gather_timeline
 from dualpipe.schedules import (
     Action,
     Op,
@@ -20,8 +34,26 @@ from dualpipe.schedules import (
 )
 from dualpipe.simulate import Costs, DeadlockError, SimResult, simulate
 from dualpipe.trace import Event, plot_timelines, write_chrome_trace
+from dualpipe.weight_split import defer_weight_work, enable_linear_fast_path
 
 __all__ = [
+    "CommPoint",
+    "Completed",
+    "DualPipe",
+    "DualPipeV",
+    "OverlapFn",
+    "PeerError",
+    "PendingComm",
+    "Pipeline",
+    "Pipeline1F1B",
+    "PipelineZB1P",
+    "defer_weight_work",
+    "enable_linear_fast_path",
+    "gather_timeline",
+    "interleave",
+    "pieces",
+    "run_pieces",
+    "sequential",
     "Action",
     "Costs",
     "DeadlockError",

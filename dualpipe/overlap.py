@@ -57,6 +57,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import GradientEdge
 
 __all__ = [
     "BackwardFn",
@@ -270,9 +271,10 @@ def backward_steps(
 ) -> Generator[str, None, tuple[dict[int, Tensor], list[Callable[[], None]]]]:
     """Backward of one chunk as steps, last segment first, launching each point's adjoint in between.
 
-    ``outputs``/``grads``: the chunk's differentiable results and their gradients (the loss and 1.0 on
-    the last stage). Returns the gradients of the stage inputs (by ``id`` of the leaf) and the deferred
-    weight work of every segment (run them in the W action).
+    ``outputs``/``grads``: the chunk's differentiable results (tensors, or their ``GradientEdge`` once
+    the runtime freed a sent activation) and their gradients (the loss and 1.0 on the last stage).
+    Returns the gradients of the stage inputs (by ``id`` of the leaf) and the deferred weight work of
+    every segment (run them in the W action).
     """
     segs = graph.segments
     multi = len(segs) > 1
@@ -283,7 +285,7 @@ def backward_steps(
         # Leaves of this and every earlier segment: a tensor used across a point without `carry` sends
         # part of its gradient straight into an earlier segment (correct by linearity).
         leaves = [t for s in segs[: k + 1] for t in s.leaves]
-        pairs = [(o, g) for o, g in zip(outs, gs) if g is not None and o.requires_grad]
+        pairs = [(o, g) for o, g in zip(outs, gs) if g is not None and _differentiable(o)]
         if pairs and leaves:
             with torch.profiler.record_function(f"{name}.piece{len(segs) - 1 - k}"):
                 got, w = backward([o for o, _ in pairs], [g for _, g in pairs], leaves, multi)
@@ -318,6 +320,10 @@ def backward_steps(
         outs = list(prev.outputs)
         gs = sent_grads + carry_grads
     return acc, w_work
+
+
+def _differentiable(o: Any) -> bool:
+    return isinstance(o, GradientEdge) or (isinstance(o, Tensor) and o.requires_grad)
 
 
 def _grad_or_zeros(acc: dict[int, Tensor], t: Tensor) -> Tensor:

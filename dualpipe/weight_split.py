@@ -16,7 +16,8 @@ pipeline instance, never in a global, so two pipelines in one process do not see
   plain ``nn.Linear`` through an autograd function whose backward computes dgrad and, while this
   policy runs a B, queues the weight and bias gradient (``dW = dY^T X``) in the policy's own store
   instead of computing it; W runs the queue. No graph walk. Other parameters (norms, embeddings) get
-  their gradients in B. Outside a pipeline the patched Linear computes everything at once.
+  their gradients in B. Outside a pipeline the patched Linear computes everything at once. Custom
+  autograd functions join the same fast path with ``defer_weight_work(fn)`` in their backward.
 - ``"none"`` (``FullBackward``): every backward is full; W actions do nothing.
 
 Each policy is a ``BackwardFn`` (see ``dualpipe.overlap``): ``policy(outputs, grads, inputs,
@@ -37,6 +38,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 
 __all__ = [
+    "defer_weight_work",
     "FullBackward",
     "GenericSplit",
     "LinearSplit",
@@ -76,6 +78,11 @@ class FullBackward:
 
 # --------------------------------------------------------------------------------------------------------
 # Generic split
+
+
+def _node(o: Tensor | GradientEdge):
+    """The autograd node an output's gradient enters (None for a leaf output)."""
+    return o.node if isinstance(o, GradientEdge) else o.grad_fn
 
 
 def _is_leaf_node(node) -> bool:
@@ -153,7 +160,7 @@ class GenericSplit:
         self, outputs: Sequence[Tensor], grads: Sequence[Tensor], inputs: Sequence[Tensor], retain_graph: bool
     ) -> tuple[list[Tensor | None], Callable[[], None] | None]:
         outputs, grads = list(outputs), list(grads)
-        roots = [o.grad_fn for o in outputs]
+        roots = [_node(o) for o in outputs]
         if any(r is None for r in roots):  # an output that is itself a leaf: nothing to split
             return full_backward(outputs, grads, inputs, retain_graph)
         walk = _Walk(roots, {id(t) for t in inputs})
@@ -212,7 +219,7 @@ class GenericSplit:
                         retain_graph=True,
                     )
             if off_path:
-                own = frozenset().union(*(walk.weights[o.grad_fn] for o, _ in off_path))
+                own = frozenset().union(*(walk.weights[_node(o)] for o, _ in off_path))
                 torch.autograd.backward(
                     [o for o, _ in off_path],
                     [g for _, g in off_path],
@@ -228,6 +235,20 @@ class GenericSplit:
 # Linear fast path
 
 _ACTIVE_STORE: contextvars.ContextVar[list | None] = contextvars.ContextVar("dualpipe_w_store", default=None)
+
+
+def defer_weight_work(fn: Callable[[], None]) -> bool:
+    """For custom autograd functions with weights (an FP8 Linear, say): call from ``backward``.
+
+    While a ``weight_split="linear"`` pipeline runs a split backward (B), queue ``fn`` (which must
+    accumulate the weight gradients itself) for that chunk's W and return True; the backward then
+    returns ``None`` for the weights. Otherwise return False: compute the weight gradients now.
+    """
+    store = _ACTIVE_STORE.get()
+    if store is None:
+        return False
+    store.append(fn)
+    return True
 
 
 def _linear_wgrad(x: Tensor, gy: Tensor, weight: Tensor, bias: Tensor | None) -> None:
@@ -251,9 +272,7 @@ class _DeferredWLinear(torch.autograd.Function):
     def backward(ctx, gy: Tensor):  # type: ignore[override]
         x, weight, bias = ctx.saved_tensors
         gx = gy @ weight if ctx.needs_input_grad[0] else None
-        store = _ACTIVE_STORE.get()
-        if store is not None and weight.requires_grad:
-            store.append((x, gy, weight, bias))
+        if weight.requires_grad and defer_weight_work(lambda: _linear_wgrad(x, gy, weight, bias)):
             return gx, None, None
         gw = (
             gy.reshape(-1, gy.shape[-1]).t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
@@ -298,8 +317,9 @@ class LinearSplit:
             _ACTIVE_STORE.reset(token)
 
         def weight_work() -> None:
-            while store:
-                _linear_wgrad(*store.pop())
+            for fn in store:
+                fn()
+            store.clear()
 
         return in_grads, weight_work
 

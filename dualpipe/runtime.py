@@ -1,0 +1,362 @@
+"""Execute one rank's action list for one step: the schedule (``dualpipe.schedules``) is the program.
+
+Per action:
+    RECV_F   post the header receive now; its data receives go up as soon as the header is in
+    RECV_B   post the gradient receives now (shapes are known from this rank's own forward)
+    F        wait for the inputs, run the stage (and the criterion on a chain's last stage)
+    SEND_F   isend header + outputs at once (never behind compute), then keep only the outputs'
+             autograd edges: the sent activation's memory is released as soon as the send completes
+    B / BW   wait for the output gradients, backward of the inputs only (B, weight work deferred to W)
+             or full (BW)
+    W        run the weight work deferred by this chunk's B
+    FB       F of one chunk and BW of another through the pipeline's overlap function
+    SEND_B   isend the input gradients
+Completed sends are reaped between actions; everything is waited (bounded) at the end of the step.
+Compute actions are recorded in the timeline (seconds from the step start) and as
+``torch.profiler.record_function`` spans named ``dualpipe.<op><stage>.<mb>``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
+
+from dualpipe.overlap import BackwardFn, ChunkGraph, OverlapFn, _Tracked, backward_steps, drive, forward_steps
+from dualpipe.p2p import KIND_B, KIND_F, P2P, PeerError, PendingRecv, make_tag, send_boundary
+from dualpipe.schedules import Action, Schedule
+from dualpipe.trace import Event
+from dualpipe.weight_split import full_backward
+
+
+@dataclass
+class _Chunk:
+    inputs: tuple  # what the stage was called with (leaves where a gradient flows back)
+    needs_grad: list[bool]  # per input: a gradient must be sent back for it
+    graph: ChunkGraph | None = None
+    outs: list = field(default_factory=list)  # stage outputs; autograd edges once sent
+    out_meta: list = field(default_factory=list)  # (shape, dtype, requires_grad) per output
+    loss: Tensor | None = None
+    in_grads: list | None = None
+    w_work: list = field(default_factory=list)
+    pending: int = 0  # sends still holding this chunk
+
+
+@dataclass
+class StepIO:
+    """What ``step`` hands to the engine: per micro-batch inputs/labels and the criterion."""
+
+    inputs: dict[int, tuple]
+    labels: dict[int, tuple]
+    criterion: Callable[..., Tensor] | None
+    return_outputs: bool
+    fields: tuple[int, ...]  # checked against every received header (num_chunks, step id)
+
+
+class Engine:
+    """Runs a schedule on this rank with the given local modules (local i = schedule.local_stages[i])."""
+
+    def __init__(
+        self,
+        schedule: Schedule,
+        modules: Sequence[nn.Module],
+        p2p: P2P,
+        split_policy: BackwardFn,
+        overlap: OverlapFn,
+        device: torch.device,
+    ):
+        self.s = schedule
+        self.p2p = p2p
+        self.rank = p2p.rank
+        stages = schedule.local_stages(self.rank)
+        self.module_of = dict(zip(stages, modules))
+        self.split = split_policy
+        self.overlap = overlap
+        self.device = device
+
+    # ---------------------------------------------------------------------------------------------------
+    def run(self, io: StepIO) -> dict[str, Any]:
+        self.io = io
+        self.chunks: dict[tuple[int, int], _Chunk] = {}
+        self.recvs: dict[tuple[str, int, int], Any] = {}
+        self.sends: list[tuple[Any, Tensor, int, str, tuple[int, int] | None]] = []
+        self.local_acts: dict[tuple[int, int], tuple] = {}
+        self.local_grads: dict[tuple[int, int], list] = {}
+        self.losses: dict[int, Tensor] = {}
+        self.outputs: dict[int, tuple] = {}
+        self.events: list[Event] = []
+        self.live = self.live_w = self.peak = self.peak_w = 0
+        self.t0 = time.perf_counter()
+        for a in self.s.actions[self.rank]:
+            self._reap()
+            self._poll_recvs()
+            getattr(self, "_do_" + a.op.value)(a)
+        deadline = time.monotonic() + self.p2p.timeout_s
+        for work, _t, peer, what, _key in self.sends:
+            self.p2p.wait(work, peer, what, deadline)
+        self.sends.clear()
+        end = time.perf_counter() - self.t0
+        busy = sum(e.duration for e in self.events)
+        return dict(
+            timeline=self.events,
+            step_time=end,
+            busy=busy,
+            bubble=end - busy,
+            peak_activations=self.peak,
+            peak_activations_until_w=self.peak_w,
+            losses=self.losses,
+            outputs=self.outputs,
+        )
+
+    # ---------------------------------------------------------------------------------------------------
+    # messages
+
+    def _do_RECV_F(self, a: Action) -> None:
+        self.recvs[("F", a.stage, a.mb)] = PendingRecv(self.p2p, a.peer, KIND_F, a.stage, a.mb, self.device)
+
+    def _do_RECV_B(self, a: Action) -> None:
+        ch = self.chunks[(a.stage, a.mb)]
+        bufs, works = [], []
+        for i, (shape, dtype, rg) in enumerate(ch.out_meta):
+            if rg:
+                t = torch.empty(shape, dtype=dtype, device=self.device)
+                works.append(self.p2p.irecv(t, a.peer, make_tag(KIND_B, a.stage, a.mb, i + 1)))
+                bufs.append(t)
+        self.recvs[("B", a.stage, a.mb)] = (a.peer, bufs, works)
+
+    def _do_SEND_F(self, a: Action) -> None:
+        ch = self.chunks[(a.stage, a.mb)]
+        nxt = self.s.next_stage(a.stage)
+        for work, t in send_boundary(self.p2p, ch.outs, self.io.fields, a.peer, KIND_F, nxt, a.mb):
+            self.sends.append((work, t, a.peer, f"sending the activation of stage {a.stage} mb {a.mb}", None))
+        if torch.is_grad_enabled():
+            # keep only the autograd edges: the output tensors are freed once the sends complete
+            ch.outs = [get_gradient_edge(o) if o.requires_grad else None for o in ch.outs]
+        else:
+            self.chunks.pop((a.stage, a.mb))
+
+    def _do_SEND_B(self, a: Action) -> None:
+        ch = self.chunks[(a.stage, a.mb)]
+        prv = self.s.prev_stage(a.stage)
+        grads = ch.in_grads or []
+        for i, g in enumerate(grads):
+            if g is None:
+                continue
+            g = g.contiguous()
+            work = self.p2p.isend(g, a.peer, make_tag(KIND_B, prv, a.mb, i + 1))
+            self.sends.append(
+                (work, g, a.peer, f"sending the input gradient of stage {a.stage} mb {a.mb}", None)
+            )
+        ch.in_grads = None
+        self._maybe_drop(a.stage, a.mb)
+
+    def _reap(self) -> None:
+        if self.sends:
+            self.sends = [s for s in self.sends if not s[0].is_completed()]
+
+    def _poll_recvs(self) -> None:
+        for r in self.recvs.values():
+            if isinstance(r, PendingRecv):
+                r.poll()
+
+    # ---------------------------------------------------------------------------------------------------
+    # inputs of F and B
+
+    def _f_inputs(self, stage: int, mb: int) -> tuple[tuple, list[bool]]:
+        prv = self.s.prev_stage(stage)
+        grad = torch.is_grad_enabled()
+        if prv is None:
+            if mb not in self.io.inputs:
+                raise ValueError(f"rank {self.rank} runs the first stage {stage} but step() got no inputs")
+            return tuple(t.detach() if isinstance(t, Tensor) else t for t in self.io.inputs[mb]), []
+        if self.s.stage_rank[prv] == self.rank:
+            outs = self.local_acts.pop((prv, mb))
+            leaves = tuple(_leaf(o, grad and o.requires_grad) for o in outs)
+            return leaves, [bool(grad and o.requires_grad) for o in outs]
+        fields, metas, data = self.recvs.pop(("F", stage, mb)).wait()
+        if tuple(fields) != self.io.fields:
+            raise PeerError(
+                f"pipeline rank {self.rank}: stage {stage} mb {mb} came from a peer at (num_chunks, step) "
+                f"= {tuple(fields)} but this rank is at {self.io.fields}: ranks called step() differently"
+            )
+        leaves = tuple(t.requires_grad_(grad and m.requires_grad) for t, m in zip(data, metas))
+        return leaves, [bool(grad and m.requires_grad) for m in metas]
+
+    def _b_grads(self, stage: int, mb: int, ch: _Chunk) -> tuple[list, list]:
+        """(differentiable outputs or edges, their gradients) for the backward of (stage, mb)."""
+        if ch.loss is not None:
+            return [ch.loss], [torch.ones_like(ch.loss)]
+        nxt = self.s.next_stage(stage)
+        diff = [o for o, m in zip(ch.outs, ch.out_meta) if m[2]]
+        if self.s.stage_rank[nxt] == self.rank:
+            grads = self.local_grads.pop((nxt, mb))
+        else:
+            peer, bufs, works = self.recvs.pop(("B", stage, mb))
+            deadline = time.monotonic() + self.p2p.timeout_s
+            for w in works:
+                self.p2p.wait(w, peer, f"receiving the output gradient for stage {stage} mb {mb}", deadline)
+            grads = bufs
+        return diff, list(grads)
+
+    # ---------------------------------------------------------------------------------------------------
+    # compute
+
+    def _forward_steps(self, stage: int, mb: int, inputs: tuple):
+        module = self.module_of[stage]
+        last = self.s.next_stage(stage) is None
+        io = self.io
+
+        def finish(out: Any) -> Any:
+            outs = out if isinstance(out, tuple) else (out,)
+            loss = None
+            if last and io.criterion is not None and mb in io.labels:
+                loss = io.criterion(*outs, *io.labels[mb])
+            return outs, loss
+
+        return forward_steps(module, inputs, finish, name=f"F{stage}.{mb}")
+
+    def _after_forward(
+        self, stage: int, mb: int, inputs: tuple, needs: list[bool], graph: ChunkGraph
+    ) -> None:
+        outs, loss = graph.result
+        graph.result = None
+        last = self.s.next_stage(stage) is None
+        ch = _Chunk(inputs=inputs, needs_grad=needs, graph=graph, loss=loss)
+        grad = torch.is_grad_enabled()
+        if last:
+            if loss is not None:
+                self.losses[mb] = loss.detach()
+            if self.io.return_outputs:
+                self.outputs[mb] = tuple(o.detach() for o in outs)
+            if not grad:
+                return
+            if loss is None:
+                raise ValueError(
+                    f"stage {stage} is the last of its chain: step() needs a criterion and labels"
+                )
+        else:
+            for i, o in enumerate(outs):
+                if not isinstance(o, Tensor):
+                    raise TypeError(
+                        f"stage {stage} output {i} is a {type(o).__name__}; boundaries carry tensors"
+                    )
+            ch.outs = list(outs)
+            ch.out_meta = [(tuple(o.shape), o.dtype, bool(o.requires_grad)) for o in outs]
+            nxt = self.s.next_stage(stage)
+            if self.s.stage_rank[nxt] == self.rank:
+                self.local_acts[(stage, mb)] = tuple(outs)
+                if not grad:
+                    return
+        self.chunks[(stage, mb)] = ch
+        if torch.is_grad_enabled():
+            self.live += 1
+            self.live_w += 1
+            self.peak, self.peak_w = max(self.peak, self.live), max(self.peak_w, self.live_w)
+
+    def _backward_steps(self, stage: int, mb: int, split: bool):
+        ch = self.chunks[(stage, mb)]
+        outs, grads = self._b_grads(stage, mb, ch)
+        fn = self.split if split else full_backward
+        return backward_steps(ch.graph, outs, grads, fn, name=f"B{stage}.{mb}")
+
+    def _after_backward(self, stage: int, mb: int, result, split: bool) -> None:
+        ch = self.chunks[(stage, mb)]
+        by_id, w_work = result
+        ch.in_grads = [
+            (by_id.get(id(x)) if by_id.get(id(x)) is not None else torch.zeros_like(x)) if need else None
+            for x, need in zip(ch.inputs, ch.needs_grad)
+        ]
+        ch.graph, ch.outs, ch.loss, ch.inputs = None, [], None, ()
+        prv = self.s.prev_stage(stage)
+        if prv is not None and self.s.stage_rank[prv] == self.rank:
+            self.local_grads[(stage, mb)] = [g for g in ch.in_grads if g is not None]
+            ch.in_grads = None
+        elif prv is None:
+            ch.in_grads = None
+        self.live -= 1
+        if split:
+            ch.w_work = w_work or [_nothing]  # the W action still comes (and ends the chunk)
+        else:
+            for w in w_work:
+                w()
+            self.live_w -= 1
+        self._maybe_drop(stage, mb)
+
+    def _maybe_drop(self, stage: int, mb: int) -> None:
+        """Forget a chunk once its backward ran, its input gradients left and its W is done."""
+        ch = self.chunks.get((stage, mb))
+        if ch is not None and ch.graph is None and ch.in_grads is None and not ch.w_work:
+            self.chunks.pop((stage, mb))
+
+    def _timed(self, a: Action, fn: Callable[[], None]) -> None:
+        start = time.perf_counter()
+        with torch.profiler.record_function(f"dualpipe.{a}"):
+            fn()
+        end = time.perf_counter()
+        self.events.append(
+            Event(self.rank, a.op.value, a.stage, a.mb, start - self.t0, end - self.t0, a.stage2, a.mb2)
+        )
+
+    def _do_F(self, a: Action) -> None:
+        inputs, needs = self._f_inputs(a.stage, a.mb)
+
+        def run() -> None:
+            graph = drive(self._forward_steps(a.stage, a.mb, inputs))
+            self._after_forward(a.stage, a.mb, inputs, needs, graph)
+
+        self._timed(a, run)
+
+    def _do_B(self, a: Action, split: bool = True) -> None:
+        steps = self._backward_steps(a.stage, a.mb, split)  # waits for the gradients first
+
+        def run() -> None:
+            self._after_backward(a.stage, a.mb, drive(steps), split)
+
+        self._timed(a, run)
+
+    def _do_BW(self, a: Action) -> None:
+        self._do_B(a, split=False)
+
+    def _do_W(self, a: Action) -> None:
+        ch = self.chunks[(a.stage, a.mb)]
+
+        def run() -> None:
+            for w in ch.w_work:
+                w()
+            ch.w_work = []
+            self.live_w -= 1
+            self._maybe_drop(a.stage, a.mb)
+
+        self._timed(a, run)
+
+    def _do_FB(self, a: Action) -> None:
+        inputs, needs = self._f_inputs(a.stage, a.mb)
+        bsteps = self._backward_steps(a.stage2, a.mb2, split=False)
+
+        def run() -> None:
+            f = _Tracked(self._forward_steps(a.stage, a.mb, inputs))
+            b = _Tracked(bsteps)
+            self.overlap(f, b)
+            if not (f.done and b.done):
+                raise RuntimeError(
+                    f"overlap function {self.overlap!r} returned before both halves of {a} finished"
+                )
+            self._after_forward(a.stage, a.mb, inputs, needs, f.value)
+            self._after_backward(a.stage2, a.mb2, b.value, split=False)
+
+        self._timed(a, run)
+
+
+def _nothing() -> None:
+    pass
+
+
+def _leaf(t: Any, grad: bool) -> Any:
+    if not isinstance(t, Tensor):
+        return t
+    return t.detach().requires_grad_(True) if grad and t.is_floating_point() else t.detach()
