@@ -85,9 +85,16 @@ def run(cfg) -> None:
         return
     check_layout(spec.layout, spec.model, launch.launcher_world_size(kind), t.batch_size, t.seq_len)
     launch.init_from_launcher(kind, lc["backend"], lc["timeout_s"])
+    import dataclasses
+
     import torch.distributed as dist
 
     try:
+        # every process composed its own config: hydra's timestamped run directory may differ by a second
+        # between ranks, so all ranks take rank 0's (traces, checkpoints and the report in one place)
+        dirs = [spec.out_dir, t.ckpt_dir]
+        dist.broadcast_object_list(dirs, src=0)
+        spec = dataclasses.replace(spec, out_dir=dirs[0], train=dataclasses.replace(t, ckpt_dir=dirs[1]))
         rank_main(spec)
     finally:
         dist.destroy_process_group()
