@@ -9,18 +9,30 @@ communicators are aborted by their watchdog after a failure); elsewhere the erro
 
 A ``Comm`` over no process group (or a group of one rank) is the local mode: "all-to-all" is the identity
 and nothing is communicated.
+
+Issue order. Collectives are matched across ranks by the order in which each rank issues them, so every
+multi-hop exchange (a Chain) runs on one FIFO thread per process group (gloo; the CPU analogue of a
+communication stream): chains start in the order they are submitted -- program order, the same on every
+rank -- and each runs to completion (count exchange, payload, next hop) before the next one starts, while
+the caller's thread goes on computing. Without the thread (``thread=False``, and on NCCL, where the
+collectives are already asynchronous on the NCCL stream), a chain runs inline up to its first payload
+transfer (count exchanges waited at once) and launches later hops inside ``wait()``. Either way no launch
+depends on timing. The group must not carry other collectives while a chain is in flight.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Generator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["Chain", "Comm", "PeerError", "Pending"]
+__all__ = ["Chain", "Comm", "PeerError", "Pending", "ThreadRun"]
 
 _PROBE_TAG = 0x6D6F65  # "moe"
 
@@ -97,10 +109,51 @@ class Chain:
         return self._value
 
 
-class Comm:
-    """All-to-all over ``group`` with bounded waits. ``group=None`` means local (no communication)."""
+_EXECUTORS: dict[int, ThreadPoolExecutor] = {}
+_EXECUTORS_LOCK = threading.Lock()
 
-    def __init__(self, group: dist.ProcessGroup | None, timeout: float) -> None:
+
+def _executor(group: dist.ProcessGroup) -> ThreadPoolExecutor:
+    with _EXECUTORS_LOCK:
+        ex = _EXECUTORS.get(id(group))
+        if ex is None:
+            ex = _EXECUTORS[id(group)] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moe_comm")
+        return ex
+
+
+def _drive(steps: Generator):
+    with torch.no_grad():
+        return Chain(steps).wait()
+
+
+class ThreadRun:
+    """A Chain submitted to the group's communication thread: ``wait()`` / ``is_done()`` like a Chain."""
+
+    def __init__(self, future: Future, comm: Comm, what: str) -> None:
+        self.future, self.comm, self.what = future, comm, what
+
+    def is_done(self) -> bool:
+        return self.future.done()
+
+    def wait(self):
+        # Each step inside is bounded by the timeout; this outer bound covers a queue of such chains.
+        bound = 8 * self.comm.timeout + 60
+        try:
+            return self.future.result(timeout=bound)
+        except FutureTimeout as e:
+            raise PeerError(
+                f"moe_comm {self.what}: the communication thread of {self.comm.describe(self.comm.rank)} did "
+                f"not finish within {bound:.0f}s"
+            ) from e
+
+
+class Comm:
+    """All-to-all over ``group`` with bounded waits. ``group=None`` means local (no communication).
+
+    ``thread``: run chains on the group's FIFO communication thread (default: on for gloo).
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None, timeout: float, thread: bool | None = None) -> None:
         if timeout <= 0:
             raise ValueError(f"timeout={timeout} must be > 0 seconds")
         self.group = group
@@ -111,6 +164,13 @@ class Comm:
             self.rank = dist.get_rank(group)
             self.world_size = dist.get_world_size(group)
             self.backend = str(dist.get_backend(group))
+        self.thread = (self.backend == "gloo" if thread is None else bool(thread)) and not self.is_local
+
+    def start(self, steps: Generator, what: str) -> Chain | ThreadRun:
+        """Start a chain of hops: on the communication thread, or inline (see the module docstring)."""
+        if self.thread:
+            return ThreadRun(_executor(self.group).submit(_drive, steps), self, what)
+        return Chain(steps)
 
     @property
     def is_local(self) -> bool:

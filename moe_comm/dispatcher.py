@@ -42,7 +42,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from moe_comm.comm import Chain, Comm
+from moe_comm.comm import Chain, Comm, ThreadRun
 from moe_comm.expert_layout import ContiguousLayout, MaskedLayout
 from moe_comm.layout import Topology, check_topk_idx
 from moe_comm.stages import DynamicStage, RowFormat, StaticStage
@@ -66,9 +66,8 @@ class DispatchHandle:
     x_dtype: torch.dtype
     hidden: int
     payload: str
-    recv: torch.Tensor | None = None  # packed rows of the last hop (freed after the expansion)
-    fmt: RowFormat | None = None
-    combined_pairs: torch.Tensor | None = None  # (T, K, H) kept by launch_combine for its backward
+    expanded: torch.Tensor | None = None  # the dispatch chain's output, until DispatchFn takes it
+    combined_pairs: tuple | None = None  # (rows, (T, K) index) kept by launch_combine for its backward
 
     def weights_fp32(self) -> torch.Tensor:
         """The routing weights as used by combine: FP32, 0 at unused slots, detached."""
@@ -116,7 +115,7 @@ class Work:
     """An asynchronous dispatcher operation, launched: ``wait()`` returns its result (bounded by the
     timeout); ``is_done()`` tells, without blocking, whether the transfer in flight has landed."""
 
-    def __init__(self, chain: Chain, finish: Callable[[Any], Any] | None = None) -> None:
+    def __init__(self, chain: Chain | ThreadRun, finish: Callable[[Any], Any] | None = None) -> None:
         self._chain, self._finish = chain, finish
         self._result, self._finished = None, False
 
@@ -143,6 +142,8 @@ class Dispatcher:
         align: pad each expert's rows to a multiple of this (grouped-GEMM tiles), contiguous layout.
         capacity: worst-case tokens per rank; enables the no-host-sync path (masked layout).
         timeout: seconds any wait may block before raising a PeerError naming the silent peer.
+        comm_thread: run each exchange on the group's FIFO communication thread (default: on for gloo), so
+            that count exchanges and later hops never block the caller (moe_comm/comm.py, "Issue order").
     """
 
     def __init__(
@@ -155,8 +156,9 @@ class Dispatcher:
         align: int = 1,
         capacity: int | None = None,
         timeout: float = 300.0,
+        comm_thread: bool | None = None,
     ) -> None:
-        self.comm = Comm(group, timeout)
+        self.comm = Comm(group, timeout, comm_thread)
         W = self.comm.world_size
         self.topo = Topology(W, num_experts, ranks_per_node or W)
         self.num_experts = num_experts
@@ -221,8 +223,8 @@ class Dispatcher:
         """
         from moe_comm.functions import CombineFn
 
-        def finish(dense: torch.Tensor) -> torch.Tensor:
-            return CombineFn.apply(y, handle.topk_weights, handle, dense)
+        def finish(result: tuple) -> torch.Tensor:
+            return CombineFn.apply(y, handle.topk_weights, handle, result)
 
         return self._launch_combine(y, handle, finish, async_op)
 
@@ -240,17 +242,22 @@ class Dispatcher:
     def launch_combine(self, y: torch.Tensor, handle: DispatchHandle) -> Work:
         """Work -> out (T, H). Keeps the returned pairs on the handle for :meth:`launch_combine_backward`."""
 
-        def finish(dense: torch.Tensor) -> torch.Tensor:
-            handle.combined_pairs = dense
-            return sum_pairs_fp32(dense, handle.weights_fp32(), handle.x_dtype)
+        def finish(result: tuple) -> torch.Tensor:
+            handle.combined_pairs, out = result
+            return out
 
         return self._launch_combine(y, handle, finish, True)
 
     def launch_dispatch_backward(self, grad: torch.Tensor, handle: DispatchHandle) -> Work:
         """Adjoint of dispatch: d expert_x (layout) -> Work -> d x (T, H), x dtype (a combine, weights 1)."""
-        pairs = handle.layout.gather_pairs(grad.detach().contiguous())
-        chain = Chain(self._pairs_to_source(pairs, handle, "dispatch backward"))
-        return Work(chain, lambda dense: sum_pairs_fp32(dense, None, handle.x_dtype))
+        handle.layout.check_y(grad)
+
+        def steps():
+            pairs = handle.layout.gather_pairs(grad.detach().contiguous())
+            src = yield from self._pairs_to_source(pairs, handle, "dispatch backward")
+            return sum_pairs_fp32(*src, None, handle.x_dtype)
+
+        return Work(self.comm.start(steps(), "dispatch backward"))
 
     def launch_combine_backward(
         self, grad_out: torch.Tensor, handle: DispatchHandle, y_dtype: torch.dtype
@@ -261,11 +268,14 @@ class Dispatcher:
         d w[t, k] = <d out[t], y[pair (t, k)]> in FP32 (needs the pairs kept by launch_combine).
         """
         grad_out = grad_out.detach().contiguous()
-        grad_w = None
-        if handle.combined_pairs is not None:
-            grad_w = weights_grad(grad_out, handle.combined_pairs, handle.topk_idx)
-        chain = Chain(self._rows_to_experts(grad_out, handle, y_dtype, "combine backward"))
-        return Work(chain, lambda grad_y: (grad_y, grad_w))
+        pairs, handle.combined_pairs = handle.combined_pairs, None
+
+        def steps():
+            grad_w = None if pairs is None else weights_grad(grad_out, *pairs, handle.topk_idx)
+            grad_y = yield from self._rows_to_experts(grad_out, handle, y_dtype, "combine backward")
+            return grad_y, grad_w
+
+        return Work(self.comm.start(steps(), "combine backward"))
 
     # --------------------------------------------------------------------------- internals
     def _launch_dispatch(self, x, topk_idx, topk_weights, payload, finish, async_op):
@@ -273,14 +283,12 @@ class Dispatcher:
         idx = topk_idx.long()
         w = torch.where(idx >= 0, topk_weights.detach().float(), 0.0)
         sig = self._signature(x, idx, payload)
-        chain = Chain(self._dispatch_steps(x.detach(), idx, w, payload, sig))
+        chain = self.comm.start(self._dispatch_steps(x.detach(), idx, w, payload, sig), "dispatch")
 
         def done(parts) -> DispatchResult:
-            stages, layout, recv, fmt = parts
-            handle = DispatchHandle(
-                self, stages, layout, idx, topk_weights, x.dtype, x.shape[1], payload, recv, fmt
-            )
-            return finish(x, handle)
+            stages, layout, expanded = parts
+            handle = DispatchHandle(self, stages, layout, idx, topk_weights, x.dtype, x.shape[1], payload)
+            return finish(x, handle, expanded)
 
         work = Work(chain, done)
         return work if async_op else work.wait()
@@ -290,8 +298,15 @@ class Dispatcher:
             raise ValueError("the handle comes from another Dispatcher")
         if not y.is_floating_point():
             raise ValueError(f"y.dtype={y.dtype} must be floating point")
-        chain = Chain(self._pairs_to_source(handle.layout.gather_pairs(y.detach()), handle, "combine"))
-        work = Work(chain, finish)
+        handle.layout.check_y(y)
+        weights = handle.weights_fp32()
+
+        def steps():  # all on the communication thread: gather, hops, FP32 sum
+            pairs = handle.layout.gather_pairs(y.detach())
+            src = yield from self._pairs_to_source(pairs, handle, "combine")
+            return src, sum_pairs_fp32(*src, weights, handle.x_dtype)
+
+        work = Work(self.comm.start(steps(), "combine"), finish)
         return work if async_op else work.wait()
 
     def _check_inputs(self, x, topk_idx, topk_weights, payload) -> None:
@@ -358,11 +373,13 @@ class Dispatcher:
             target = target_of(meta)
             if self.capacity is None:
                 st = DynamicStage(comm, target)
-                got = yield comm.exchange_counts(st.send_counts, {**sig, "hop": s}, what + " counts")
+                counts = comm.exchange_counts(st.send_counts, {**sig, "hop": s}, what + " counts")
+                buf = st.pack(fmt, rows, meta, weights, origin)  # while the counts travel
+                got = yield counts
                 st.recv_splits = comm.check_signature(got, {**sig, "hop": s}, what, _SIGNATURE_LABELS)
             else:
                 st = StaticStage(comm, target, self.capacity, min(idx.shape[1], self.num_local_experts))
-            buf = st.pack(fmt, rows, meta, weights, origin)
+                buf = st.pack(fmt, rows, meta, weights, origin)
             recv = yield st.send_packed(buf, fmt, what)
             meta, weights, origin = st.received(fmt, recv)
             rows = fmt.payload(recv)
@@ -376,18 +393,15 @@ class Dispatcher:
         else:
             cap_e = (comm.world_size * self.capacity + self.align - 1) // self.align * self.align
             layout = MaskedLayout(meta, weights, first, num, cap_e, min(idx.shape[1], num))
-        return stages, layout, recv, fmt
+        from moe_comm.functions import expand_payload
+
+        return stages, layout, expand_payload(layout, fmt, recv, payload, x.shape[1], x.dtype)
 
     def _pairs_to_source(self, pairs: torch.Tensor, handle: DispatchHandle, what: str):
-        """Generator: per-pair rows at the experts -> dense (T, K, ...) pairs at the source (unused: 0)."""
-        for s in reversed(range(len(handle.stages))):
+        """Generator: per-pair rows at the experts -> at the source, (rows + a zero row, (T, K) index)."""
+        for s in reversed(range(1, len(handle.stages))):
             pairs = yield handle.stages[s].reverse_pairs(pairs, f"{what} hop {s}")
-        T, K = handle.topk_idx.shape
-        if self.capacity is None and pairs.shape[0] != T * K:
-            dense = pairs.new_zeros((T * K, *pairs.shape[1:]))
-            dense[(handle.topk_idx >= 0).flatten()] = pairs
-            pairs = dense
-        return pairs.view(T, K, *pairs.shape[1:])
+        return (yield handle.stages[0].reverse_pairs_indexed(pairs, f"{what} hop 0"))
 
     def _rows_to_experts(self, rows: torch.Tensor, handle: DispatchHandle, dtype: torch.dtype, what: str):
         """Generator: source rows (T, H) -> (layout rows, H) = pair weight * row (the combine's backward)."""
@@ -396,18 +410,33 @@ class Dispatcher:
         return handle.layout.scatter_pairs(rows, dtype)
 
 
-def sum_pairs_fp32(dense: torch.Tensor, weights: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """dense (T, K, H) -> (T, H): sum over k ascending, in FP32 from 0, of weights[:, k] * dense[:, k]."""
-    acc = torch.zeros(dense.shape[0], *dense.shape[2:], dtype=torch.float32, device=dense.device)
-    for k in range(dense.shape[1]):
-        term = dense[:, k].float()
+def sum_pairs_fp32(
+    rows: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """(T, H): sum over k ascending, in FP32 from 0, of weights[:, k] * rows[index[:, k]] (weights None: 1).
+
+    rows (N, H) any float dtype; index (T, K) int64 rows of each pair. The product of a row and its FP32
+    weight is formed in FP32 (the row's value converts exactly), then added: the same two roundings as
+    ``acc = acc + w * y.float()`` per k, so a plain reference reproduces it bit for bit.
+    """
+    T, K = index.shape
+    acc = torch.zeros(T, *rows.shape[1:], dtype=torch.float32, device=rows.device)
+    picked = rows.new_empty((T, *rows.shape[1:]))
+    term = picked if rows.dtype == torch.float32 else torch.empty_like(acc)
+    for k in range(K):
+        torch.index_select(rows, 0, index[:, k], out=picked)
+        if term is not picked:  # convert first: mixed-dtype elementwise ops take a slow path on CPU
+            term.copy_(picked)
         if weights is not None:
-            term = term * weights[:, k : k + 1]
-        acc += term
+            term.mul_(weights[:, k : k + 1])
+        acc.add_(term)
     return acc.to(dtype)
 
 
-def weights_grad(grad_out: torch.Tensor, dense: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
-    """d topk_weights (T, K) fp32 = <grad_out[t], dense[t, k]> in FP32; 0 at unused slots."""
-    g = (grad_out.float()[:, None, :] * dense.float()).sum(-1)
-    return torch.where(topk_idx >= 0, g, 0.0)
+def weights_grad(
+    grad_out: torch.Tensor, rows: torch.Tensor, index: torch.Tensor, topk_idx: torch.Tensor
+) -> torch.Tensor:
+    """d topk_weights (T, K) fp32 = <grad_out[t], rows[index[t, k]]> in FP32; 0 at unused slots."""
+    g = grad_out.float()
+    cols = [(g * rows.index_select(0, index[:, k]).float()).sum(-1) for k in range(index.shape[1])]
+    return torch.where(topk_idx >= 0, torch.stack(cols, dim=1), 0.0)

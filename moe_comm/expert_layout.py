@@ -87,10 +87,15 @@ class ContiguousLayout:
         """(R + 1, ...) received rows (last row zero) -> (num_rows, ...) grouped by expert."""
         return rows_with_zero_row.index_select(0, self.src_of_out)
 
+    def check_y(self, y: torch.Tensor) -> None:
+        if y.dim() != 2 or y.shape[0] != self.num_rows:
+            raise ValueError(
+                f"y.shape={tuple(y.shape)}: y.shape[0] must equal the dispatched rows {self.num_rows}"
+            )
+
     def gather_pairs(self, y: torch.Tensor) -> torch.Tensor:
         """(num_rows, H) expert outputs -> (P, H) one row per pair, in received (row, k) order."""
-        if y.shape[0] != self.num_rows:
-            raise ValueError(f"y.shape[0]={y.shape[0]} must equal the dispatched rows {self.num_rows}")
+        self.check_y(y)
         return y.index_select(0, self.pos)
 
     def scatter_pairs(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -138,12 +143,15 @@ class MaskedLayout:
         out = rows_with_zero_row.index_select(0, self.src_of_out)
         return out.view(self.num_local, self.capacity, *out.shape[1:])
 
-    def gather_pairs(self, y: torch.Tensor) -> torch.Tensor:
-        if tuple(y.shape[:2]) != (self.num_local, self.capacity):
+    def check_y(self, y: torch.Tensor) -> None:
+        if y.dim() != 3 or tuple(y.shape[:2]) != (self.num_local, self.capacity):
             raise ValueError(
-                f"y.shape={tuple(y.shape)} must start with (num_local_experts, capacity)="
-                f"({self.num_local}, {self.capacity})"
+                f"y.shape={tuple(y.shape)} must be (num_local_experts, capacity, H) with "
+                f"(num_local_experts, capacity)=({self.num_local}, {self.capacity})"
             )
+
+    def gather_pairs(self, y: torch.Tensor) -> torch.Tensor:
+        self.check_y(y)
         return y.reshape(self.num_rows, *y.shape[2:]).index_select(0, self.slot_src)
 
     def scatter_pairs(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

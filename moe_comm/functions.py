@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_comm.dispatcher import DispatchHandle, DispatchResult, sum_pairs_fp32, weights_grad
+from moe_comm.dispatcher import DispatchHandle, DispatchResult, weights_grad
 
 __all__ = ["CombineFn", "DequantThroughProxy", "DispatchFn", "finish_dispatch", "finish_dispatch_nograd"]
 
@@ -47,22 +47,20 @@ def pack_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return rows, nbytes
 
 
-def _expand_fp8(handle: DispatchHandle):
-    """The received FP8 rows in the expert layout as an fp8.FP8Tensor (padding rows: data 0, scale 0)."""
+def expand_payload(layout, fmt, recv: torch.Tensor, payload: str, hidden: int, dtype: torch.dtype):
+    """The received packed rows in the expert layout: a tensor in ``dtype``, or an fp8.FP8Tensor (padding
+    rows: data 0, scale 0). Runs at the end of the dispatch chain (on the communication thread)."""
+    rows = fmt.payload(recv)
+    if payload == "native":
+        out = layout.expand(rows)
+        return out.view(dtype).view(*out.shape[:-1], hidden)
     from fp8 import FP8Tensor
 
-    layout, H = handle.layout, handle.hidden
-    rows = handle.fmt.payload(handle.recv)
-    off = _scale_offset(H)
-    data = layout.expand(rows[:, :H]).view(torch.float8_e4m3fn)
+    off = _scale_offset(hidden)
+    data = layout.expand(rows[:, :hidden]).view(torch.float8_e4m3fn)
     scale = layout.expand(rows[:, off:]).view(torch.float32)
     lead = data.shape[:-1]
-    return FP8Tensor(data.reshape(*lead, H), scale.reshape(*lead, -1), (1, _TILE))
-
-
-def _expand_native(handle: DispatchHandle) -> torch.Tensor:
-    out = handle.layout.expand(handle.fmt.payload(handle.recv))
-    return out.view(handle.x_dtype).view(*out.shape[:-1], handle.hidden)
+    return FP8Tensor(data.reshape(*lead, hidden), scale.reshape(*lead, -1), (1, _TILE))
 
 
 def _layout_shape(handle: DispatchHandle) -> tuple[int, ...]:
@@ -73,26 +71,23 @@ def _layout_shape(handle: DispatchHandle) -> tuple[int, ...]:
 
 
 def _result(handle: DispatchHandle, x, proxy) -> DispatchResult:
-    handle.recv = None  # the packed rows are not needed any more
     layout = handle.layout
     if layout.kind == "contiguous":
         return DispatchResult(x, layout.counts, layout.m_offsets, handle, layout.counts_list, proxy)
     return DispatchResult(x, layout.counts, None, handle, None, proxy)
 
 
-def finish_dispatch(x: torch.Tensor, handle: DispatchHandle) -> DispatchResult:
+def finish_dispatch(x: torch.Tensor, handle: DispatchHandle, expanded) -> DispatchResult:
     """The autograd path: the result's tensor (or FP8 grad proxy) is connected to x."""
     if handle.payload == "native":
+        handle.expanded = expanded  # handed over by attribute: an input returned as-is would become a view
         return _result(handle, DispatchFn.apply(x, handle), None)
-    q = _expand_fp8(handle)
     proxy = DispatchFn.apply(x, handle) if x.requires_grad and torch.is_grad_enabled() else None
-    return _result(handle, q, proxy)
+    return _result(handle, expanded, proxy)
 
 
-def finish_dispatch_nograd(x: torch.Tensor, handle: DispatchHandle) -> DispatchResult:
-    if handle.payload == "native":
-        return _result(handle, _expand_native(handle), None)
-    return _result(handle, _expand_fp8(handle), None)
+def finish_dispatch_nograd(x: torch.Tensor, handle: DispatchHandle, expanded) -> DispatchResult:
+    return _result(handle, expanded, None)
 
 
 class DispatchFn(torch.autograd.Function):
@@ -103,7 +98,8 @@ class DispatchFn(torch.autograd.Function):
         ctx.handle = handle
         if handle.payload == "fp8":
             return x.new_zeros(()).expand(_layout_shape(handle))
-        return _expand_native(handle)
+        out, handle.expanded = handle.expanded, None  # computed by the dispatch chain
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -115,20 +111,21 @@ class CombineFn(torch.autograd.Function):
     """Forward: FP32 weighted sum in k order. Backward: dispatch of grad_out, weighted at the experts."""
 
     @staticmethod
-    def forward(ctx, y, topk_weights, handle: DispatchHandle, dense: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, y, topk_weights, handle: DispatchHandle, result: tuple) -> torch.Tensor:
+        pairs, out = result  # computed by the combine chain: pairs at the source and their FP32 sum
         ctx.handle, ctx.y_dtype, ctx.w_dtype = handle, y.dtype, topk_weights.dtype
-        ctx.save_for_backward(dense if ctx.needs_input_grad[1] else None)
-        return sum_pairs_fp32(dense, handle.weights_fp32(), handle.x_dtype)
+        ctx.pairs = pairs if ctx.needs_input_grad[1] else None  # (rows, (T, K) index), for d topk_weights
+        return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         handle: DispatchHandle = ctx.handle
-        (dense,) = ctx.saved_tensors
         grad_y = grad_w = None
         if ctx.needs_input_grad[0]:
             grad_y, _ = handle.dispatcher.launch_combine_backward(grad_out, handle, ctx.y_dtype).wait()
         if ctx.needs_input_grad[1]:
-            grad_w = weights_grad(grad_out, dense, handle.topk_idx).to(ctx.w_dtype)
+            grad_w = weights_grad(grad_out, *ctx.pairs, handle.topk_idx).to(ctx.w_dtype)
+            ctx.pairs = None
         return grad_y, grad_w, None, None
 
 

@@ -102,6 +102,10 @@ class DynamicStage:
         self.pair_inv = torch.empty_like(order)
         self.pair_inv[order] = torch.arange(order.numel(), device=order.device)
         self.num_pairs = tv.numel()
+        # (n, K): where pair (row, k) lands in the combine's receive buffer; unused slots read its zero row.
+        pair_index = torch.full((self.n * self.topk,), self.num_pairs, dtype=torch.long, device=target.device)
+        pair_index[(target >= 0).flatten()] = self.pair_inv
+        self.pair_index = pair_index.view(self.n, self.topk)
         self.rev_recv_splits: list[int] = torch.bincount(tv, minlength=W).tolist()
         self.recv_splits: list[int] | None = None  # known after the count exchange
         self.rev_send_splits: list[int] | None = None  # known after the rows arrived
@@ -156,6 +160,13 @@ class DynamicStage:
         return self.comm.all_to_all(pairs, self.rev_send_splits, self.rev_recv_splits, what).map(
             lambda got: got.index_select(0, self.pair_inv)
         )
+
+    def reverse_pairs_indexed(self, pairs: torch.Tensor, what: str) -> Pending:
+        """Like reverse_pairs, for the source: (received rows + a zero row, (n, K) index into them)."""
+        full = pairs.new_empty((self.num_pairs + 1, *pairs.shape[1:]))
+        full[-1].zero_()
+        pending = self.comm.all_to_all(pairs, self.rev_send_splits, self.rev_recv_splits, what, out=full[:-1])
+        return pending.map(lambda _: (full, self.pair_index))
 
 
 class StaticStage:
@@ -218,11 +229,9 @@ class StaticStage:
     def forward_rows(self, rows: torch.Tensor, what: str) -> Pending:
         return self.comm.all_to_all(rows.index_select(0, self.src_of_slot), None, None, what)
 
-    def reverse_pairs(self, pairs: torch.Tensor, what: str) -> Pending:
-        """Pair slots (W*cap*kl, ...) at the receiver -> dense (n*K, ...) pairs at the sender (unused: 0)."""
-
+    def reverse_pairs_indexed(self, pairs: torch.Tensor, what: str) -> Pending:
+        """Pair slots (W*cap*kl, ...) at the receiver -> (received slots + a zero row, (n, K) index)."""
         full = pairs.new_empty((pairs.shape[0] + 1, *pairs.shape[1:]))
         full[-1].zero_()
-        return self.comm.all_to_all(pairs, None, None, what, out=full[:-1]).map(
-            lambda _: full.index_select(0, self.pair_src)
-        )
+        pending = self.comm.all_to_all(pairs, None, None, what, out=full[:-1])
+        return pending.map(lambda _: (full, self.pair_src.view(self.n, self.topk)))

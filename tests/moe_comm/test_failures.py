@@ -40,7 +40,9 @@ def test_bad_local_input():
     with pytest.raises(ValueError, match="payload='int4' must be one of"):
         d.dispatch(x, idx, w, payload="int4")
     res = d.dispatch(x, idx, w)
-    with pytest.raises(ValueError, match="y.shape\\[0\\]=3 must equal the dispatched rows 12"):
+    with pytest.raises(
+        ValueError, match=r"y.shape=\(3, 16\): y.shape\[0\] must equal the dispatched rows 12"
+    ):
         d.combine(res.x[:3], res.handle)
     with pytest.raises(ValueError, match="another Dispatcher"):
         Dispatcher.local(8).combine(res.x, res.handle)
