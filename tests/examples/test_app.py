@@ -85,7 +85,6 @@ def test_launcher_detection():
 
 def test_main_job_command_end_to_end(tmp_path):
     """README's first command, shortened: 4 local ranks (PP2 DualPipeV x EP2), metrics, traces, report."""
-    pytest.importorskip("dualpipe.pipeline")  # TEMPORARY: until the dualpipe runtime is committed
     repo = Path(__file__).resolve().parents[2]
     cmd = [sys.executable, "-m", "examples.deepseek_v3.train", f"hydra.run.dir={tmp_path}", "train.steps=6"]
     cmd += ["train.log_every=3", "train.profile_start=1", "train.ckpt_every=6", "launch.timeout_s=120"]

@@ -84,8 +84,6 @@ def test_dp2_matches_single_process_then_crash_and_bitwise_resume(tmp_path, refe
     ids=lambda lay: f"pp{lay.pp}-dp{lay.dp}-ep{lay.ep}-{lay.schedule}",
 )
 def test_parallel_layout_matches_single_process(tmp_path, reference, layout):
-    if layout.pp > 1:
-        pytest.importorskip("dualpipe.pipeline")  # TEMPORARY: until the dualpipe runtime is committed
     root = tmp_path / "ck"
     out = run_ranks(
         _train_rank, layout.world_size, args=(_spec(tmp_path, layout, ckpt_every=3, ckpt_dir=str(root)),)
