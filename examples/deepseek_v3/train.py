@@ -65,6 +65,11 @@ def run(cfg) -> None:
 
     spec = spec_from_config(cfg)
     t = spec.train
+    if spec.wandb:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:  # say so before any process starts
+            raise ImportError("logger=wandb needs the wandb package: pip install wandb (or -e '.[examples]')")
     kind = launch.launcher_kind()
     lc = cfg["launch"]
     if kind == "local":

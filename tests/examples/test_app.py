@@ -108,3 +108,13 @@ def test_main_job_command_end_to_end(tmp_path):
     assert {"F", "B", "W", "dispatch", "combine"} <= set(rep["ranks"]["0"]["spans_ms"])
     assert 0 <= rep["hidden_fraction"] <= 1 and 0 <= rep["bubble_fraction"] <= 1
     assert (tmp_path / "checkpoints" / "step_00000006" / "COMPLETE").is_file()
+
+
+def test_wandb_missing_is_reported_before_any_process(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "wandb" else real(n, *a))
+    monkeypatch.setattr(launch, "spawn_local", lambda *a, **k: pytest.fail("processes were started"))
+    with pytest.raises(ImportError, match="logger=wandb needs the wandb package"):
+        run(_cfg(tmp_path, "logger=wandb"))
