@@ -419,6 +419,11 @@ def sum_pairs_fp32(
     weight is formed in FP32 (the row's value converts exactly), then added: the same two roundings as
     ``acc = acc + w * y.float()`` per k, so a plain reference reproduces it bit for bit.
     """
+    if rows.is_cuda:
+        from moe_comm.cuda_ops import use_kernels
+
+        if use_kernels(rows):  # one fused pass (csrc/moe_comm/permute_rows.cu), same roundings
+            return torch.ops.frugal_moe.weighted_sum_rows(rows, index, weights, dtype)
     T, K = index.shape
     acc = torch.zeros(T, *rows.shape[1:], dtype=torch.float32, device=rows.device)
     picked = rows.new_empty((T, *rows.shape[1:]))

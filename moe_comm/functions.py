@@ -38,9 +38,17 @@ def pack_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     except ImportError as e:  # an fp8 package without its quantizer: say so instead of a bare ImportError
         raise RuntimeError(f"payload='fp8' needs fp8.quantize_1x128, which failed to import: {e}") from e
     T, H = x.shape
-    q = quantize_1x128(x)
     off = _scale_offset(H)
-    nbytes = off + 4 * q.scale.shape[-1]
+    nbytes = off + 4 * ((H + _TILE - 1) // _TILE)
+    if x.is_cuda:
+        from moe_comm.cuda_ops import use_kernels
+
+        if use_kernels(x):  # quantize straight into the packed rows (csrc/moe_comm/pack_fp8.cu)
+            if not bool(torch.isfinite(x).all()):  # as quantize_1x128's check (the kernel's fmaxf hides NaN)
+                raise ValueError("x has non-finite values (NaN or inf); FP8 dispatch needs finite tokens")
+            index = torch.arange(T, device=x.device)
+            return torch.ops.frugal_moe.pack_rows_fp8_1x128(x, index, nbytes, off, 0), nbytes
+    q = quantize_1x128(x)
     rows = torch.zeros(T, nbytes, dtype=torch.uint8, device=x.device)
     rows[:, :H] = q.data.view(torch.uint8)
     rows[:, off:] = q.scale.contiguous().view(torch.uint8)
