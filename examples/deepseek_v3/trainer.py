@@ -32,6 +32,7 @@ from examples.deepseek_v3.layout import Groups, Layout, build_groups, check_layo
 from examples.deepseek_v3.metrics import flops_per_token, peak_flops
 from examples.deepseek_v3.model import build_model, layer_ranges, lm_loss, split_stages
 from examples.deepseek_v3.moe import shard_experts
+from examples.deepseek_v3.observe import RunLogger, measured_window, start_profiler
 from moe_comm import DeepSeekV3Router
 
 PRECISIONS = ("fp32", "bf16", "fp8")
@@ -332,7 +333,7 @@ def train(spec: RunSpec, progress: bool = True) -> dict[str, Any]:
     tokens_per_step = t.batch_size * t.seq_len
     fpt = flops_per_token(spec.model, t.seq_len)
     peak, peak_src = peak_flops(tr.device, t.peak_tflops)
-    logger = _Logger(spec, rank0 and progress, tr.start_step)
+    logger = RunLogger(spec, rank0 and progress, tr.start_step)
     losses: list[float] = []
     grad_norms: list[float] = []
     window_s, window_steps = 0.0, 0
@@ -346,7 +347,7 @@ def train(spec: RunSpec, progress: bool = True) -> dict[str, Any]:
         log_now = (step + 1) % t.log_every == 0 or step + 1 == t.steps
         sampled = log_now and step not in trace_steps and window_steps > 0  # keep one unprofiled step
         if prof is None and (step in trace_steps or sampled):
-            prof = _start_profiler(tr.device)
+            prof = start_profiler(tr.device)
         t0 = time.perf_counter()
         m = tr.step(step)
         if prof is None:
@@ -359,7 +360,7 @@ def train(spec: RunSpec, progress: bool = True) -> dict[str, Any]:
             )
             prof.export_chrome_trace(str(path))
             prof = None
-            sample = _measured(tr, path)
+            sample = measured_window(path, tr.distributed)
         losses.append(m["loss"])
         grad_norms.append(m["grad_norm"])
         logger.bar(m)
@@ -379,104 +380,3 @@ def train(spec: RunSpec, progress: bool = True) -> dict[str, Any]:
         "last": last,
         "peak_source": peak_src,
     }
-
-
-def _measured(tr: Trainer, trace: Path) -> dict[str, float]:
-    """Bubble and hidden communication of one profiled window, summed over all ranks."""
-    import json
-
-    from examples.deepseek_v3.overlap_report import aggregate, rank_overlap
-
-    r = rank_overlap(json.loads(trace.read_text())["traceEvents"])
-    kinds = ("a2a", "p2p", "allreduce")
-    vals = [r["comm_ms"], r["hidden_ms"], r["step_ms"], r["busy_ms"]]
-    for k in kinds:
-        d = r["by_kind"].get(k, {})
-        vals += [d.get("comm_ms", 0.0), d.get("hidden_ms", 0.0)]
-    v = torch.tensor(vals, dtype=torch.float64)
-    if tr.distributed:
-        dist.all_reduce(v)
-    v = v.tolist()
-    summed = dict(zip(("comm_ms", "hidden_ms", "step_ms", "busy_ms"), v[:4]))
-    summed["by_kind"] = {k: {"comm_ms": v[4 + 2 * i], "hidden_ms": v[5 + 2 * i]} for i, k in enumerate(kinds)}
-    agg = aggregate([summed])
-    out = {k: agg[k] for k in ("hidden_fraction", "bubble_fraction") if agg[k] is not None}
-    out.update({f"hidden_{k}": d["hidden_fraction"] for k, d in agg["by_kind"].items()})
-    return out
-
-
-def _start_profiler(device: torch.device):
-    """CPU (+ CUDA) activity on every thread: communication libraries run their transfers on their own
-    threads (gloo's workers, moe_comm's communication thread), which the overlap report needs to see."""
-    from torch._C._profiler import _ExperimentalConfig
-
-    acts = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        acts.append(torch.profiler.ProfilerActivity.CUDA)
-    prof = torch.profiler.profile(
-        activities=acts, experimental_config=_ExperimentalConfig(profile_all_threads=True)
-    )
-    prof.start()
-    return prof
-
-
-class _Logger:
-    """tqdm bar and metric lines on rank 0; wandb when enabled (imported lazily, offline without a key)."""
-
-    def __init__(self, spec: RunSpec, active: bool, start: int):
-        self.active, self.bar_ = active, None
-        self.run = None
-        if not active:
-            return
-        from tqdm import tqdm
-
-        self.bar_ = tqdm(total=spec.train.steps, initial=start, desc="train", dynamic_ncols=True)
-        if spec.wandb:
-            self.run = _wandb_init(spec)
-
-    def bar(self, m: dict) -> None:
-        if self.bar_ is not None:
-            self.bar_.set_postfix(loss=f"{m['loss']:.3f}")
-            self.bar_.update(1)
-
-    def log(self, m: dict) -> None:
-        if not self.active:
-            return
-        line = (
-            f"step {m['step']:>5} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | "
-            f"{m['tokens_per_s']:,.0f} tok/s | "
-            f"MFU {100 * m['mfu']:.2f}%"
-        )
-        if "bubble_fraction" in m:
-            line += f" | bubble {100 * m['bubble_fraction']:.1f}%"
-        if "hidden_fraction" in m:
-            line += f" | comm hidden {100 * m['hidden_fraction']:.0f}%"
-            parts = [
-                f"{k} {100 * m['hidden_' + k]:.0f}%"
-                for k in ("a2a", "p2p", "allreduce")
-                if f"hidden_{k}" in m
-            ]
-            line += f" ({', '.join(parts)})" if parts else ""
-        self.bar_.write(line)
-        if self.run is not None:
-            self.run.log(m, step=m["step"])
-
-    def close(self) -> None:
-        if self.bar_ is not None:
-            self.bar_.close()
-        if self.run is not None:
-            self.run.finish()
-
-
-def _wandb_init(spec: RunSpec):
-    import os
-
-    try:
-        import wandb
-    except ImportError as e:
-        raise ImportError(
-            "logger=wandb needs the wandb package: pip install wandb (or -e '.[examples]')"
-        ) from e
-    cfg = dict(spec.wandb or {})
-    mode = cfg.pop("mode", None) or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-    return wandb.init(mode=mode, dir=spec.out_dir, config={"model": vars(spec.model)}, **cfg)
