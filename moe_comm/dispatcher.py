@@ -140,7 +140,9 @@ class Dispatcher:
         ranks_per_node: consecutive group ranks that share a node (default: all of them, one node).
         hierarchical: two-hop transfer across nodes (default: on when the group spans several nodes).
         align: pad each expert's rows to a multiple of this (grouped-GEMM tiles), contiguous layout.
-        capacity: worst-case tokens per rank; enables the no-host-sync path (masked layout).
+        capacity: worst-case tokens per rank; enables the no-host-sync path (masked layout). On a GPU that
+            path does not range-check expert ids (it would synchronise); the first call per input
+            signature checks the peers' signatures (one synchronisation), later calls none.
         timeout: seconds any wait may block before raising a PeerError naming the silent peer.
         comm_thread: run each exchange on the group's FIFO communication thread (default: on for gloo), so
             that count exchanges and later hops never block the caller (moe_comm/comm.py, "Issue order").
@@ -316,7 +318,10 @@ class Dispatcher:
             raise ValueError(f"x must be a (num_tokens, hidden) float tensor, got {tuple(x.shape)} {x.dtype}")
         if x.dtype not in _DTYPE_CODES:
             raise ValueError(f"x.dtype={x.dtype} is not supported; use one of {list(_DTYPE_CODES)}")
-        check_topk_idx(topk_idx, self.num_experts)
+        # The no-host-sync path on a GPU skips the id range check, which would synchronise.
+        check_topk_idx(
+            topk_idx, self.num_experts, values=not (self.capacity is not None and topk_idx.is_cuda)
+        )
         if topk_idx.shape[0] != x.shape[0]:
             raise ValueError(f"topk_idx.shape={tuple(topk_idx.shape)} must have x.shape[0]={x.shape[0]} rows")
         if topk_weights.shape != topk_idx.shape or not topk_weights.is_floating_point():

@@ -86,15 +86,19 @@ def _membership(target: torch.Tensor, n: int) -> torch.Tensor:
     return hit[:, :n]
 
 
-def check_topk_idx(topk_idx: torch.Tensor, num_experts: int, name: str = "topk_idx") -> None:
-    """Raise ValueError unless topk_idx is (T, K) integer with ids in [-1, num_experts), K <= num_experts."""
+def check_topk_idx(
+    topk_idx: torch.Tensor, num_experts: int, name: str = "topk_idx", values: bool = True
+) -> None:
+    """Raise ValueError unless topk_idx is (T, K) integer with ids in [-1, num_experts), K <= num_experts.
+
+    ``values=False`` checks shape and dtype only (the id range needs a host synchronisation)."""
     if topk_idx.dim() != 2:
         raise ValueError(f"{name}.shape={tuple(topk_idx.shape)} must be (num_tokens, topk)")
     if topk_idx.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"{name}.dtype={topk_idx.dtype} must be torch.int64 or torch.int32")
     if topk_idx.shape[1] > num_experts:
         raise ValueError(f"top-k={topk_idx.shape[1]} ({name}.shape[1]) must be <= num_experts={num_experts}")
-    if topk_idx.numel():
+    if values and topk_idx.numel():
         lo, hi = int(topk_idx.min()), int(topk_idx.max())
         if lo < -1 or hi >= num_experts:
             bad = lo if lo < -1 else hi
