@@ -136,7 +136,7 @@ def _grouped_case(kind: str, g: int, m: int, n: int, k: int, iters: int) -> dict
 
 def _wgrad_case(tokens: int, n: int, k: int, iters: int) -> dict:
     import fp8
-    from fp8.cuda_gemm_ops import quantize_128x1_cuda
+    from fp8.cuda_quant_ops import quantize_128x1_cuda
 
     dy, x = torch.randn(tokens, n, device="cuda"), torch.randn(tokens, k, device="cuda")
     dyq = quantize_128x1_cuda(dy, fp8.ScaleFormat.FP32)
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_fp8_gemm needs a CUDA GPU (Hopper, sm_90) and the fp8._C extension: {reason}; "
               "nothing was timed.")  # fmt: skip
         return 0
-    import fp8.cuda_gemm_ops  # noqa: F401  (registers the frugal_fp8 GEMM ops)
+    import fp8.cuda_gemm_ops  # noqa: F401  (registers the frugal_fp8 GEMM ops and, through it, the quantizers)
 
     torch.manual_seed(0)
     ms, shapes = ([4096], V3_SHAPES[3:5]) if args.quick else ([64, 128, 4096], V3_SHAPES)

@@ -105,7 +105,7 @@ def _quantize_1x128_and_128x1(
     """x2 (M, K) quantized 1x128 (GEMM operand) and 128x1 (weight-grad operand): one fused pass of the
     csrc/fp8 kernel on Hopper with the extension built, else the two quantizers."""
     if _sm90_kernels(x2):
-        from fp8.cuda_gemm_ops import quantize_1x128_128x1_cuda
+        from fp8.cuda_quant_ops import quantize_1x128_128x1_cuda
 
         return quantize_1x128_128x1_cuda(x2, fmt, check_finite=check_finite, arg=arg)
     xq = quantize_1x128(x2, scale_format=fmt, check_finite=check_finite, arg=arg)

@@ -234,7 +234,7 @@ def quantize_1x128(
         from fp8._ext import has_extension
 
         if has_extension("fp8"):
-            from fp8.cuda_ops import quant_per_token_1x128_cuda
+            from fp8.cuda_quant_ops import quant_per_token_1x128_cuda
 
             return quant_per_token_1x128_cuda(x, fmt, check_finite=check_finite, arg=arg)
     q, scale = quantize_blockwise(
@@ -260,7 +260,7 @@ def quantize_128x128(
     fmt = ScaleFormat.parse(scale_format)
     _check_input(w, arg, min_dim=2)
     if _sm90_kernels(w):
-        from fp8.cuda_gemm_ops import quantize_128x128_cuda
+        from fp8.cuda_quant_ops import quantize_128x128_cuda
 
         return quantize_128x128_cuda(w, fmt, check_finite=check_finite, arg=arg)
     q, scale = quantize_blockwise(w, BLOCK, BLOCK, scale_format=fmt, check_finite=check_finite, arg=arg)
@@ -284,7 +284,7 @@ def quantize_128x1(
     fmt = ScaleFormat.parse(scale_format)
     _check_input(x, arg, min_dim=2)
     if _sm90_kernels(x):
-        from fp8.cuda_gemm_ops import quantize_128x1_cuda
+        from fp8.cuda_quant_ops import quantize_128x1_cuda
 
         return quantize_128x1_cuda(x, fmt, check_finite=check_finite, arg=arg)
     q, scale = quantize_blockwise(x, BLOCK, 1, scale_format=fmt, check_finite=check_finite, arg=arg)

@@ -7,7 +7,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fp8
-from fp8.cuda_ops import quant_per_token_1x128
+from fp8.cuda_quant_ops import quant_per_token_1x128
 
 
 def _x(m, k, dtype=torch.float32, seed=0):

@@ -16,6 +16,7 @@ import torch
 
 import fp8
 import fp8.cuda_gemm_ops as ops
+import fp8.cuda_quant_ops as qops
 from fp8.quant import BLOCK, ceil_div
 
 from .reference import grouped_colwise_reference, grouped_wgrad_fp32
@@ -177,7 +178,7 @@ def _ext_calls(path: Path) -> list[tuple[str, int]]:
 def test_every_extension_call_matches_a_binding():
     bindings = _bindings()
     assert "quant_per_token_1x128" in bindings and len(bindings) >= 12
-    calls = _ext_calls(ROOT / "fp8/cuda_gemm_ops.py") + _ext_calls(ROOT / "fp8/cuda_ops.py")
+    calls = _ext_calls(ROOT / "fp8/cuda_gemm_ops.py") + _ext_calls(ROOT / "fp8/cuda_quant_ops.py")
     assert len(calls) >= 12
     for name, nargs in calls:
         assert name in bindings, f"fp8._C has no binding {name!r}"
@@ -224,7 +225,7 @@ def test_grouped_token_layout_reference_round_trips_through_expert():
     qt, scale, blk = grouped_colwise_reference(x, offsets)
     assert blk == [0, 1, 3, 5] and qt.shape == (96, (329 // BLOCK + 3) * BLOCK)
     off32, blk32 = torch.tensor(offsets, dtype=torch.int32), torch.tensor(blk, dtype=torch.int32)
-    grouped = ops.GroupedTokenFP8(qt, scale, off32, blk32, offsets[-1], fp8.ScaleFormat.FP32)
+    grouped = qops.GroupedTokenFP8(qt, scale, off32, blk32, offsets[-1], fp8.ScaleFormat.FP32)
     for e in (1, 2):
         want = fp8.quantize_128x1(x[offsets[e] : offsets[e + 1]])
         got = grouped.expert(e)

@@ -31,6 +31,7 @@ pytestmark = [
 
 if _hopper_with_ext():
     import fp8.cuda_gemm_ops as ops
+    import fp8.cuda_quant_ops as qops
 
 FMTS = list(fp8.ScaleFormat)
 V3 = [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)]
@@ -60,7 +61,7 @@ def poison_allocator(nbytes: int) -> None:
 @pytest.mark.parametrize("shape", [(1, 1), (7, 300), (128, 128), (300, 1000), (1000, 7168)])
 def test_quantizers_bitwise_equal_reference(dtype, fmt, shape):
     x = rand(*shape, seed=shape[0] + shape[1], dtype=dtype, scale=3.0)
-    row, col = ops.quantize_1x128_128x1_cuda(x, fmt)
+    row, col = qops.quantize_1x128_128x1_cuda(x, fmt)
     ref_row, ref_col = (
         fp8.quantize_1x128(x.cpu(), scale_format=fmt),
         fp8.quantize_128x1(x.cpu(), scale_format=fmt),
@@ -72,9 +73,9 @@ def test_quantizers_bitwise_equal_reference(dtype, fmt, shape):
         col.scale.cpu(), ref_col.scale
     )
     assert col.data.stride(0) == 1 and col.data.stride(1) % 16 == 0  # token-contiguous storage
-    alone = ops.quantize_128x1_cuda(x, fmt)
+    alone = qops.quantize_128x1_cuda(x, fmt)
     assert torch.equal(bits(alone.data), bits(col.data)) and torch.equal(alone.scale, col.scale)
-    w = ops.quantize_128x128_cuda(x, fmt)
+    w = qops.quantize_128x128_cuda(x, fmt)
     ref_w = fp8.quantize_128x128(x.cpu(), scale_format=fmt)
     assert torch.equal(bits(w.data).cpu(), bits(ref_w.data)) and torch.equal(w.scale.cpu(), ref_w.scale)
 
@@ -82,7 +83,7 @@ def test_quantizers_bitwise_equal_reference(dtype, fmt, shape):
 def test_batched_128x128_and_zero_tiles():
     w = rand(3, 257, 300, seed=1)
     w[1] = 0  # all-zero blocks: finite scales, exact zeros
-    q = ops.quantize_128x128_cuda(w, fp8.ScaleFormat.POW2)
+    q = qops.quantize_128x128_cuda(w, fp8.ScaleFormat.POW2)
     ref = fp8.quantize_128x128(w.cpu(), scale_format="pow2")
     assert torch.equal(bits(q.data).cpu(), bits(ref.data)) and torch.equal(q.scale.cpu(), ref.scale)
     assert not bits(q.data[1]).any() and torch.isfinite(q.scale).all()
@@ -91,7 +92,7 @@ def test_batched_128x128_and_zero_tiles():
 @pytest.mark.parametrize("offsets", [[0, 300], [0, 0, 130, 130, 400, 401], [0, 128, 256, 384]])
 def test_grouped_colwise_matches_per_expert_reference(offsets):
     x = rand(offsets[-1], 136, seed=len(offsets), dtype=torch.bfloat16)
-    got = ops.quantize_128x1_grouped_cuda(x, torch.tensor(offsets), fp8.ScaleFormat.FP32)
+    got = qops.quantize_128x1_grouped_cuda(x, torch.tensor(offsets), fp8.ScaleFormat.FP32)
     qt, scale, blk = grouped_colwise_reference(x.cpu(), offsets)
     assert got.block_offsets.tolist() == blk
     used = blk[-1]
@@ -103,10 +104,10 @@ def test_nonfinite_input_raises():
     x = rand(200, 256)
     x[150, 3] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
-        ops.quantize_1x128_128x1_cuda(x, fp8.ScaleFormat.FP32)
+        qops.quantize_1x128_128x1_cuda(x, fp8.ScaleFormat.FP32)
     with pytest.raises(ValueError, match="non-finite"):
-        ops.quantize_128x128_cuda(x, fp8.ScaleFormat.FP32)
-    ops.quantize_128x1_cuda(x, fp8.ScaleFormat.FP32, check_finite=False)  # allowed when asked
+        qops.quantize_128x128_cuda(x, fp8.ScaleFormat.FP32)
+    qops.quantize_128x1_cuda(x, fp8.ScaleFormat.FP32, check_finite=False)  # allowed when asked
 
 
 # ------------------------------------------------------------------------------------------------ dense
@@ -207,8 +208,8 @@ def test_grouped_masked_padding_rows_are_zero(g, m_max, n, k):
 def test_wgrad_dense(t, n, k):
     dy, x = rand(t, n, seed=t), rand(t, k, seed=t + 1)
     dyq, xq = (
-        ops.quantize_128x1_cuda(dy, fp8.ScaleFormat.FP32),
-        ops.quantize_128x1_cuda(x, fp8.ScaleFormat.FP32),
+        qops.quantize_128x1_cuda(dy, fp8.ScaleFormat.FP32),
+        qops.quantize_128x1_cuda(x, fp8.ScaleFormat.FP32),
     )
     out = torch.full((n, k), float("nan"), device="cuda")
     fp8.gemm_wgrad(dyq, xq, out=out, backend="cuda")
@@ -253,10 +254,10 @@ def test_wgrad_grouped(offsets):
 
 def test_opcheck_every_op():
     x = rand(300, 200, dtype=torch.bfloat16)
-    torch.library.opcheck(ops.quant_rowwise_colwise, (x, 0, True, True))
-    torch.library.opcheck(ops.quant_colwise_grouped, (x, torch.tensor([0, 0, 130, 300], dtype=torch.int32,
+    torch.library.opcheck(qops.quant_rowwise_colwise, (x, 0, True, True))
+    torch.library.opcheck(qops.quant_colwise_grouped, (x, torch.tensor([0, 0, 130, 300], dtype=torch.int32,
                                                                      device="cuda"), 1, True))  # fmt: skip
-    torch.library.opcheck(ops.quant_per_block_128x128, (x.unsqueeze(0), 2))
+    torch.library.opcheck(qops.quant_per_block_128x128, (x.unsqueeze(0), 2))
     a, b, aq, bq = _gemm_case(129, 257, 300)
     torch.library.opcheck(ops.gemm_nt, (aq.data, aq.scale, bq.data, bq.scale, torch.bfloat16))
     acc = torch.zeros(129, 257, device="cuda")
@@ -271,16 +272,16 @@ def test_opcheck_every_op():
     torch.library.opcheck(
         ops.m_grouped_gemm_nt_masked, (am.data, am.scale, bg.data, bg.scale, cnt, torch.float32)
     )
-    dyq = ops.quantize_128x1_cuda(rand(300, 64, seed=5), fp8.ScaleFormat.FP32)
-    xq = ops.quantize_128x1_cuda(rand(300, 96, seed=6), fp8.ScaleFormat.FP32)
+    dyq = qops.quantize_128x1_cuda(rand(300, 64, seed=5), fp8.ScaleFormat.FP32)
+    xq = qops.quantize_128x1_cuda(rand(300, 96, seed=6), fp8.ScaleFormat.FP32)
     out = torch.zeros(64, 96, device="cuda")
     torch.library.opcheck(
         ops.gemm_wgrad_out_, (dyq.data.t(), dyq.scale, xq.data.t(), xq.scale, out, 300, True)
     )
-    gd = ops.quantize_128x1_grouped_cuda(
+    gd = qops.quantize_128x1_grouped_cuda(
         rand(300, 64, seed=7), torch.tensor([0, 0, 130, 300]), fp8.ScaleFormat.FP32
     )
-    gx = ops.quantize_128x1_grouped_cuda(
+    gx = qops.quantize_128x1_grouped_cuda(
         rand(300, 96, seed=8), torch.tensor([0, 0, 130, 300]), fp8.ScaleFormat.FP32
     )
     out = torch.zeros(3, 64, 96, device="cuda")
