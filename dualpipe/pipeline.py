@@ -121,6 +121,7 @@ class Pipeline(nn.Module):
         self.device = params[0].device if params else torch.device("cpu")
         self._schedules: dict[tuple[int, bool], Schedule] = {}
         self._step_id = 0
+        self._meta: dict = {}  # boundary shapes per (kind, stage, micro-batch), shared with the peers' copy
         self.timeline: list[Event] = []
         self.stats: dict[str, Any] = {}
         # the layout is the same for every micro-batch count: ask a minimal schedule
@@ -301,7 +302,10 @@ class Pipeline(nn.Module):
         self._step_id += 1
         io = StepIO(mb_inputs, mb_labels, criterion, return_outputs, (num_chunks, self._step_id))
         t0 = time.perf_counter()
-        res = Engine(sched, list(self.module), self.p2p, self.policy, self.overlap, self.device).run(io)
+        engine = Engine(
+            sched, list(self.module), self.p2p, self.policy, self.overlap, self.device, self._meta
+        )
+        res = engine.run(io)
         t_engine = time.perf_counter() - t0
         if grad:
             self._reduce_grads()

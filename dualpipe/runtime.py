@@ -28,7 +28,18 @@ from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 
 from dualpipe.overlap import BackwardFn, ChunkGraph, OverlapFn, _Tracked, backward_steps, drive, forward_steps
-from dualpipe.p2p import KIND_B, KIND_F, P2P, PeerError, PendingRecv, make_tag, send_boundary
+from dualpipe.p2p import (
+    KIND_B,
+    KIND_F,
+    P2P,
+    Meta,
+    PeerError,
+    PendingRecv,
+    RecvTensors,
+    make_tag,
+    send_boundary,
+    send_tensors,
+)
 from dualpipe.schedules import Action, Schedule
 from dualpipe.trace import Event
 from dualpipe.weight_split import full_backward
@@ -69,6 +80,7 @@ class Engine:
         split_policy: BackwardFn,
         overlap: OverlapFn,
         device: torch.device,
+        meta_cache: dict | None = None,
     ):
         self.s = schedule
         self.p2p = p2p
@@ -78,6 +90,7 @@ class Engine:
         self.split = split_policy
         self.overlap = overlap
         self.device = device
+        self.meta_cache = meta_cache if meta_cache is not None else {}  # boundary shapes, kept across steps
 
     # ---------------------------------------------------------------------------------------------------
     def run(self, io: StepIO) -> dict[str, Any]:
@@ -117,22 +130,21 @@ class Engine:
     # messages
 
     def _do_RECV_F(self, a: Action) -> None:
-        self.recvs[("F", a.stage, a.mb)] = PendingRecv(self.p2p, a.peer, KIND_F, a.stage, a.mb, self.device)
+        self.recvs[("F", a.stage, a.mb)] = PendingRecv(
+            self.p2p, a.peer, KIND_F, a.stage, a.mb, self.device, self.meta_cache
+        )
 
     def _do_RECV_B(self, a: Action) -> None:
         ch = self.chunks[(a.stage, a.mb)]
-        bufs, works = [], []
-        for i, (shape, dtype, rg) in enumerate(ch.out_meta):
-            if rg:
-                t = torch.empty(shape, dtype=dtype, device=self.device)
-                works.append(self.p2p.irecv(t, a.peer, make_tag(KIND_B, a.stage, a.mb, i + 1)))
-                bufs.append(t)
-        self.recvs[("B", a.stage, a.mb)] = (a.peer, bufs, works)
+        metas = [Meta(shape, dtype, False) for shape, dtype, rg in ch.out_meta if rg]
+        tag = make_tag(KIND_B, a.stage, a.mb, 1)
+        self.recvs[("B", a.stage, a.mb)] = RecvTensors(self.p2p, metas, a.peer, tag, self.device)
 
     def _do_SEND_F(self, a: Action) -> None:
         ch = self.chunks[(a.stage, a.mb)]
         nxt = self.s.next_stage(a.stage)
-        for work, t in send_boundary(self.p2p, ch.outs, self.io.fields, a.peer, KIND_F, nxt, a.mb):
+        sent = send_boundary(self.p2p, ch.outs, self.io.fields, a.peer, KIND_F, nxt, a.mb, self.meta_cache)
+        for work, t in sent:
             self.sends.append((work, t, a.peer, f"sending the activation of stage {a.stage} mb {a.mb}", None))
         if torch.is_grad_enabled():
             # keep only the autograd edges: the output tensors are freed once the sends complete
@@ -143,15 +155,10 @@ class Engine:
     def _do_SEND_B(self, a: Action) -> None:
         ch = self.chunks[(a.stage, a.mb)]
         prv = self.s.prev_stage(a.stage)
-        grads = ch.in_grads or []
-        for i, g in enumerate(grads):
-            if g is None:
-                continue
-            g = g.contiguous()
-            work = self.p2p.isend(g, a.peer, make_tag(KIND_B, prv, a.mb, i + 1))
-            self.sends.append(
-                (work, g, a.peer, f"sending the input gradient of stage {a.stage} mb {a.mb}", None)
-            )
+        grads = [g for g in ch.in_grads or [] if g is not None]
+        what = f"sending the input gradient of stage {a.stage} mb {a.mb}"
+        for work, t in send_tensors(self.p2p, grads, a.peer, make_tag(KIND_B, prv, a.mb, 1)):
+            self.sends.append((work, t, a.peer, what, None))
         ch.in_grads = None
         self._maybe_drop(a.stage, a.mb)
 
@@ -173,7 +180,11 @@ class Engine:
         if prv is None:
             if mb not in self.io.inputs:
                 raise ValueError(f"rank {self.rank} runs the first stage {stage} but step() got no inputs")
-            return tuple(t.detach() if isinstance(t, Tensor) else t for t in self.io.inputs[mb]), []
+            # a user input that requires grad stays differentiable (its gradient is computed in B and
+            # dropped): the stage's input backward then runs as on any other stage
+            ins = self.io.inputs[mb]
+            keep = [bool(grad and isinstance(t, Tensor) and t.requires_grad) for t in ins]
+            return tuple(_leaf(t, k) for t, k in zip(ins, keep)), keep
         if self.s.stage_rank[prv] == self.rank:
             outs = self.local_acts.pop((prv, mb))
             leaves = tuple(_leaf(o, grad and o.requires_grad) for o in outs)
@@ -196,11 +207,9 @@ class Engine:
         if self.s.stage_rank[nxt] == self.rank:
             grads = self.local_grads.pop((nxt, mb))
         else:
-            peer, bufs, works = self.recvs.pop(("B", stage, mb))
-            deadline = time.monotonic() + self.p2p.timeout_s
-            for w in works:
-                self.p2p.wait(w, peer, f"receiving the output gradient for stage {stage} mb {mb}", deadline)
-            grads = bufs
+            grads = self.recvs.pop(("B", stage, mb)).wait(
+                f"receiving the output gradient for stage {stage} mb {mb}"
+            )
         return diff, list(grads)
 
     # ---------------------------------------------------------------------------------------------------

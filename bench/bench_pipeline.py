@@ -1,0 +1,303 @@
+"""Pipeline schedules on real processes: ours (DualPipe, DualPipeV, 1F1B, ZB1P) against PyTorch's
+``torch.distributed.pipelining`` ScheduleDualPipeV and Schedule1F1B, on the same stages and micro-batches,
+in one run.
+
+    python -m bench.bench_pipeline --out /tmp/bench_pipeline.json           # both stage kinds (CPU)
+    python -m bench.bench_pipeline --kind emulated --pp 8 --chunks 16 --f-ms 20
+
+Two stage kinds:
+  emulated  F, B, W sleep fixed times (B - W on the input path, W on a weight-only path, so every
+            weight-split method sees the same split), so 8 ranks on 2 cores measure the schedule and
+            the runtime, not core contention. Busy time is known exactly: measured bubble = step - busy.
+  real      small MLP stages (Linear-GELU-Linear blocks, FP32, one thread per rank).
+The model is the same for every schedule: ``2 * pp`` model halves; 1F1B, ZB1P and DualPipe put two
+halves in each of ``pp`` stages, DualPipeV (ours and torch's) runs the ``2 * pp`` halves as a V.
+
+Per schedule: median step time, measured bubble (emulated), simulated step and bubble from
+``dualpipe.simulate`` with the emulated costs, in-flight activation peak measured (ours) and predicted
+(simulator), and ratios to torch's ScheduleDualPipeV and Schedule1F1B. Targets: emulated step within
+5% of the simulator; real stages at least 1.25x faster than torch's ScheduleDualPipeV.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from bench.common import print_table, write_results
+from dualpipe import Costs, DualPipe, DualPipeV, Pipeline1F1B, PipelineZB1P, build, simulate
+from tests.distributed import run_ranks
+
+OURS = {"dualpipe": DualPipe, "dualpipev": DualPipeV, "1f1b": Pipeline1F1B, "zb1p": PipelineZB1P}
+
+
+# ------------------------------------------------------------------------------------------------------
+# stages
+
+
+class _SleepInput(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, f_s, bi_s):  # type: ignore[override]
+        time.sleep(f_s)
+        ctx.bi_s = bi_s
+        return x * 1.0
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        time.sleep(ctx.bi_s)
+        return g, None, None
+
+
+class _SleepWeight(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, w_s):  # type: ignore[override]
+        ctx.w_s, ctx.shape = w_s, w.shape
+        return (w * 0).sum()
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        time.sleep(ctx.w_s)
+        return g.new_zeros(ctx.shape), None
+
+
+class Emulated(nn.Module):
+    """F sleeps ``f``; the input backward sleeps ``b - w``; the weight backward sleeps ``w``."""
+
+    def __init__(self, f: float, b: float, w: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+        self.f, self.bi, self.w = f, b - w, w
+
+    def forward(self, x):
+        return _SleepInput.apply(x, self.f, self.bi) + _SleepWeight.apply(self.weight, self.w)
+
+
+class MLP(nn.Module):
+    def __init__(self, d: int, blocks: int, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.layers = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+            for _ in range(blocks)
+        )
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer(x)
+        return x
+
+
+def _half(cfg: dict, i: int) -> nn.Module:
+    """Model half i of 2 * pp (the unit every schedule splits the model into)."""
+    if cfg["kind"] == "emulated":
+        f, b, w = (cfg[k] / 2 for k in ("f", "b", "w"))  # a half costs half a stage
+        return Emulated(f, b, w)
+    return MLP(cfg["d"], cfg["blocks_per_half"], seed=i)
+
+
+def _stage(cfg: dict, s: int, n: int) -> nn.Module:
+    """Stage s of n: 2pp / n consecutive halves."""
+    k = 2 * cfg["pp"] // n
+    return nn.Sequential(*(_half(cfg, s * k + j) for j in range(k)))
+
+
+def _loss(out, y):
+    return ((out - y) ** 2).mean()
+
+
+# ------------------------------------------------------------------------------------------------------
+# runners (one process per pipeline rank)
+
+
+def _ours(cfg: dict, name: str, rank: int, pp: int):
+    if name == "dualpipe":
+        mods = (_stage(cfg, rank, pp), _stage(cfg, pp - 1 - rank, pp))
+    elif name == "dualpipev":
+        mods = (_stage(cfg, rank, 2 * pp), _stage(cfg, 2 * pp - 1 - rank, 2 * pp))
+    else:
+        mods = _stage(cfg, rank, pp)
+    pipe = OURS[name](mods, weight_split=cfg["weight_split"], timeout_s=120)
+    x, y = cfg["x"], cfg["y"]
+    is_first = rank == 0 or (name == "dualpipe" and rank == pp - 1)
+
+    def step():
+        for p in pipe.parameters():
+            p.grad = None
+        args = (x,) if is_first else ()
+        pipe.step(*args, num_chunks=cfg["chunks"], criterion=_loss, labels=(y,))
+        return pipe.stats
+
+    return step
+
+
+def _torch(cfg: dict, name: str, rank: int, pp: int):
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleDualPipeV
+
+    dev = torch.device("cpu")
+    if name == "torch-dualpipev":
+        n = 2 * pp
+        stages = [PipelineStage(_stage(cfg, s, n), s, n, dev) for s in (rank, 2 * pp - 1 - rank)]
+        sched = ScheduleDualPipeV(stages, n_microbatches=cfg["chunks"], loss_fn=_loss)
+        first, last = rank == 0, rank == 0
+    else:
+        stages = PipelineStage(_stage(cfg, rank, pp), rank, pp, dev)
+        sched = Schedule1F1B(stages, n_microbatches=cfg["chunks"], loss_fn=_loss)
+        first, last = rank == 0, rank == pp - 1
+    mods = [s.submod for s in (stages if isinstance(stages, list) else [stages])]
+    x, y = cfg["x"], cfg["y"]
+
+    def step():
+        for m in mods:
+            for p in m.parameters():
+                p.grad = None
+        kw: dict[str, Any] = {}
+        if last:
+            kw = dict(target=y, losses=[])
+        sched.step(*((x,) if first else ()), **kw)
+        return {}
+
+    return step
+
+
+def _rank(rank: int, world: int, cfg: dict) -> list[dict]:
+    """Build every implementation, then time them round-robin (one step each per round), so that load
+    drifting on a shared host hits all of them alike."""
+    torch.set_num_threads(1)
+    steps = [(_torch if name.startswith("torch") else _ours)(cfg, name, rank, world) for name in cfg["impls"]]
+    rows = [dict(impl=name, rank=rank, times=[], stats=[]) for name in cfg["impls"]]
+    for it in range(cfg["warmup"] + cfg["iters"]):
+        for step, row in zip(steps, rows):
+            dist.barrier()
+            t0 = time.perf_counter()
+            st = step()
+            t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            if it >= cfg["warmup"]:
+                row["times"].append(float(t))
+                row["stats"].append(st)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------
+# the run
+
+
+def run(kind: str, args: argparse.Namespace) -> list[dict]:
+    pp = args.pp if kind == "emulated" else args.pp_real
+    chunks = args.chunks if kind == "emulated" else args.chunks_real
+    cfg: dict[str, Any] = dict(kind=kind, pp=pp, chunks=chunks, warmup=args.warmup, iters=args.iters)
+    if kind == "emulated":
+        cfg.update(f=args.f_ms / 1e3, b=args.b_ms / 1e3, w=args.w_ms / 1e3, weight_split="generic")
+        cfg["x"] = torch.randn(
+            chunks * 2, 8, requires_grad=True
+        )  # a differentiable input: stage 0 runs B too
+        cfg["y"] = torch.randn(chunks * 2, 8)
+    else:
+        cfg.update(d=args.d, blocks_per_half=args.blocks, weight_split=args.weight_split)
+        cfg["x"] = torch.randn(chunks * args.rows, args.d)
+        cfg["y"] = torch.randn(chunks * args.rows, args.d)
+    impls = ["dualpipe", "dualpipev", "1f1b", "zb1p", "torch-dualpipev", "torch-1f1b"]
+    cfg["impls"] = impls
+    per_rank = run_ranks(_rank, pp, args=(cfg,), timeout=1800, pg_timeout=600)
+    bound = _compute_bound(cfg) if kind == "real" else None
+    rows = []
+    for i, name in enumerate(impls):
+        times = per_rank[0][i]["times"]
+        med = statistics.median(times)
+        row: dict[str, Any] = dict(kind=kind, impl=name, pp=pp, chunks=chunks, step_ms=med * 1e3)
+        row["step_min_ms"] = min(times) * 1e3
+        sched_name = name.replace("torch-", "")
+        if kind == "emulated":
+            c = Costs(f=cfg["f"], b=cfg["b"], w=cfg["w"])
+            if sched_name == "dualpipev":  # 2pp stages of half the cost
+                c = Costs(f=cfg["f"] / 2, b=cfg["b"] / 2, w=cfg["w"] / 2)
+            sim = simulate(build(sched_name, pp, chunks), c)
+            # every schedule gives each rank one stage's worth of work per micro-batch
+            row["busy_ms"] = chunks * (cfg["f"] + cfg["b"]) * 1e3
+            row["bubble_meas"] = 1 - row["busy_ms"] / row["step_ms"]
+            row["sim_step_ms"] = sim.step_time * 1e3
+            row["bubble_sim"] = sim.bubble_fraction
+            row["meas/sim"] = row["step_ms"] / row["sim_step_ms"]
+            row["act_peak_pred"] = max(sim.peak_activations)
+        if not name.startswith("torch"):
+            peaks = [r[i]["stats"][-1]["peak_activations"] for r in per_rank]
+            row["act_peak_meas"] = max(peaks)
+            bubbles = [statistics.median(s["bubble"] for s in r[i]["stats"]) for r in per_rank]
+            stepw = [statistics.median(s["schedule_time"] for s in r[i]["stats"]) for r in per_rank]
+            row["bubble_rank_max"] = max(b / t for b, t in zip(bubbles, stepw))
+            if kind == "real":
+                row["act_peak_pred"] = max(
+                    simulate(build(sched_name, pp, chunks), Costs(1, 2, 1)).peak_activations
+                )
+        if bound is not None:
+            row["x_compute_bound"] = med / bound
+        rows.append(row)
+    by = {r["impl"]: r["step_ms"] for r in rows}
+    for r in rows:
+        r["vs_torch_dualpipev"] = by["torch-dualpipev"] / r["step_ms"]
+        r["vs_torch_1f1b"] = by["torch-1f1b"] / r["step_ms"]
+    return rows
+
+
+def _compute_bound(cfg: dict) -> float:
+    """Serial forward+backward of every half on every micro-batch, one thread, divided by pp."""
+    torch.set_num_threads(1)
+    halves = [_half(cfg, i) for i in range(2 * cfg["pp"])]
+    xs = torch.tensor_split(cfg["x"], cfg["chunks"])
+    ys = torch.tensor_split(cfg["y"], cfg["chunks"])
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for x, y in zip(xs, ys):
+            h = x
+            for m in halves:
+                h = m(h)
+            _loss(h, y).backward()
+        best = min(best, time.perf_counter() - t0)
+    return best / cfg["pp"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kind", choices=["emulated", "real", "both"], default="both")
+    ap.add_argument("--pp", type=int, default=8, help="ranks for emulated stages")
+    ap.add_argument("--chunks", type=int, default=16)
+    ap.add_argument("--f-ms", type=float, default=20.0)
+    ap.add_argument("--b-ms", type=float, default=40.0)
+    ap.add_argument("--w-ms", type=float, default=20.0)
+    ap.add_argument("--pp-real", type=int, default=2, help="ranks for real stages (one core each)")
+    ap.add_argument("--chunks-real", type=int, default=8)
+    ap.add_argument("--d", type=int, default=256)
+    ap.add_argument("--rows", type=int, default=16, help="rows per micro-batch (real stages)")
+    ap.add_argument("--blocks", type=int, default=1, help="MLP blocks per model half (real stages)")
+    ap.add_argument("--weight-split", default="generic", choices=["generic", "linear", "none"])
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--out", default=None, help="JSON path (default bench/results/, for GPU results)")
+    args = ap.parse_args()
+    rows: list[dict] = []
+    for kind in ("emulated", "real") if args.kind == "both" else (args.kind,):
+        got = run(kind, args)
+        print(f"\n{kind} stages")
+        print_table(got)
+        rows += got
+    summary = {}
+    emu = [r for r in rows if r["kind"] == "emulated" and not r["impl"].startswith("torch")]
+    if emu:
+        summary["emulated_max_abs_dev_from_sim"] = max(abs(r["meas/sim"] - 1) for r in emu)
+    real = [r for r in rows if r["kind"] == "real" and not r["impl"].startswith("torch")]
+    if real:
+        summary["real_speedup_vs_torch_dualpipev"] = {r["impl"]: r["vs_torch_dualpipev"] for r in real}
+    print("\nsummary:", summary)
+    out = write_results("bench_pipeline", rows, summary=summary, args=vars(args), out=args.out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
