@@ -3,6 +3,7 @@
     logger = RunLogger(spec, active=rank == 0, start=0)   # tqdm bar; wandb when spec.wandb is set
     prof = start_profiler(device)                         # CPU (+ CUDA) activity on every thread
     figures = measured_window(trace_path, distributed)    # bubble and hidden communication, all ranks
+    schedule_bubble(pipe, num_chunks, png)                # the simulator's bubble at measured F/B/W times
 
 wandb is imported lazily and only when enabled (``logger=wandb``); without a WANDB_API_KEY it runs offline.
 """
@@ -84,6 +85,8 @@ class RunLogger:
         )
         if "bubble_fraction" in m:
             line += f" | bubble {100 * m['bubble_fraction']:.1f}%"
+            if "bubble_schedule" in m:
+                line += f" (schedule {100 * m['bubble_schedule']:.1f}%)"
         if "hidden_fraction" in m:
             line += f" | comm hidden {100 * m['hidden_fraction']:.0f}%"
             parts = [
@@ -113,3 +116,31 @@ def _wandb_init(spec: Any):
     cfg = dict(spec.wandb or {})
     mode = cfg.pop("mode", None) or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
     return wandb.init(mode=mode, dir=spec.out_dir, config={"model": vars(spec.model)}, **cfg)
+
+
+def schedule_bubble(pipe: Any, num_chunks: int, png: Path | None = None) -> float:
+    """The bubble the schedule alone would leave with this step's measured action times.
+
+    Prices the pipeline's schedule with dualpipe's simulator, fed with each rank's mean F, B, W and F&B
+    durations of the last step (``pipe.timeline``), and returns the mean per-rank bubble fraction; the
+    gap to the measured bubble is what the runtime adds (waits on transfers and peers, Python work).
+    With ``png``, pipeline rank 0 draws the measured timeline beside the simulated one. A collective
+    over the pipeline group.
+    """
+    from dualpipe.pipeline import gather_timeline
+    from dualpipe.simulate import Costs
+
+    def mean(op: str) -> float | None:
+        d = [e.duration for e in pipe.timeline if e.op == op]
+        return sum(d) / len(d) if d else None
+
+    w = mean("W") or 0.0
+    b = (mean("B") + w) if mean("B") is not None else (mean("BW") or 0.0)
+    mine = (mean("F") or 0.0, max(b, w), w, mean("FB"))
+    every: list[Any] = [None] * pipe.pp
+    dist.all_gather_object(every, mine, group=pipe.group)
+    timeline = gather_timeline(pipe)
+    sim = pipe.simulate(num_chunks, [Costs(f=c[0], b=c[1], w=c[2], fb=c[3]) for c in every])
+    if png is not None and pipe.rank == 0:
+        sim.plot(png, measured=timeline)
+    return sum(sim.bubble) / (sim.step_time * len(sim.bubble)) if sim.step_time > 0 else 0.0

@@ -32,7 +32,7 @@ from examples.deepseek_v3.layout import Groups, Layout, build_groups, check_layo
 from examples.deepseek_v3.metrics import flops_per_token, peak_flops
 from examples.deepseek_v3.model import build_model, layer_ranges, lm_loss, split_stages
 from examples.deepseek_v3.moe import shard_experts
-from examples.deepseek_v3.observe import RunLogger, measured_window, start_profiler
+from examples.deepseek_v3.observe import RunLogger, measured_window, schedule_bubble, start_profiler
 from moe_comm import DeepSeekV3Router
 
 PRECISIONS = ("fp32", "bf16", "fp8")
@@ -361,6 +361,12 @@ def train(spec: RunSpec, progress: bool = True) -> dict[str, Any]:
             prof.export_chrome_trace(str(path))
             prof = None
             sample = measured_window(path, tr.distributed)
+            if tr.pipeline is not None:  # the schedule's own bubble at the measured action times
+                png = out / "timeline.png" if step == trace_last and tr.shard == 0 else None
+                sb = torch.tensor(schedule_bubble(tr.pipeline, lay.num_chunks, png), dtype=torch.float64)
+                if tr.distributed:
+                    dist.all_reduce(sb)
+                sample["bubble_schedule"] = float(sb) / lay.world_size
         losses.append(m["loss"])
         grad_norms.append(m["grad_norm"])
         logger.bar(m)

@@ -94,7 +94,7 @@ def test_main_job_command_end_to_end(tmp_path):
     lines = [ln for ln in out.splitlines() if "| loss" in ln]
     assert len(lines) == 2, out[-3000:]
     for ln in lines:
-        for field in ("tok/s", "MFU", "bubble", "comm hidden", "a2a", "p2p"):
+        for field in ("tok/s", "MFU", "bubble", "(schedule", "comm hidden", "a2a", "p2p"):
             assert field in ln, ln
     assert "train: 100%" in out  # the tqdm bar
     traces = sorted(tmp_path.glob("trace_rank*.json"))
@@ -108,6 +108,7 @@ def test_main_job_command_end_to_end(tmp_path):
     assert {"F", "B", "W", "dispatch", "combine"} <= set(rep["ranks"]["0"]["spans_ms"])
     assert 0 <= rep["hidden_fraction"] <= 1 and 0 <= rep["bubble_fraction"] <= 1
     assert (tmp_path / "checkpoints" / "step_00000006" / "COMPLETE").is_file()
+    assert (tmp_path / "timeline.png").stat().st_size > 10_000  # measured beside simulated
 
 
 def test_wandb_missing_is_reported_before_any_process(tmp_path, monkeypatch):
