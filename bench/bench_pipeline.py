@@ -14,8 +14,11 @@ The model is the same for every schedule: ``2 * pp`` model halves; 1F1B, ZB1P an
 halves in each of ``pp`` stages, DualPipeV (ours and torch's) runs the ``2 * pp`` halves as a V.
 
 Per schedule: median step time, measured bubble (emulated), simulated step and bubble from
-``dualpipe.simulate`` with the emulated costs, in-flight activation peak measured (ours) and predicted
-(simulator), and ratios to torch's ScheduleDualPipeV and Schedule1F1B. Targets: emulated step within
+``dualpipe.simulate`` with the nominal emulated costs and, calibrated, with each rank's measured median
+action durations and the measured one-way P2P latency (this separates the runtime's own overhead
+from sleep overshoot and scheduler jitter on a shared host), in-flight activation peak measured (ours)
+and predicted (simulator), and ratios to torch's ScheduleDualPipeV and Schedule1F1B. Implementations
+are timed round-robin, one step each per round. Targets: emulated step within
 5% of the simulator; real stages at least 1.25x faster than torch's ScheduleDualPipeV.
 """
 
@@ -131,7 +134,7 @@ def _ours(cfg: dict, name: str, rank: int, pp: int):
             p.grad = None
         args = (x,) if is_first else ()
         pipe.step(*args, num_chunks=cfg["chunks"], criterion=_loss, labels=(y,))
-        return pipe.stats
+        return dict(pipe.stats, timeline=pipe.timeline)
 
     return step
 
@@ -169,6 +172,7 @@ def _rank(rank: int, world: int, cfg: dict) -> list[dict]:
     """Build every implementation, then time them round-robin (one step each per round), so that load
     drifting on a shared host hits all of them alike."""
     torch.set_num_threads(1)
+    latency = _ping(rank, cfg["x"][: max(1, cfg["x"].shape[0] // cfg["chunks"])])
     steps = [(_torch if name.startswith("torch") else _ours)(cfg, name, rank, world) for name in cfg["impls"]]
     rows = [dict(impl=name, rank=rank, times=[], stats=[]) for name in cfg["impls"]]
     for it in range(cfg["warmup"] + cfg["iters"]):
@@ -181,7 +185,42 @@ def _rank(rank: int, world: int, cfg: dict) -> list[dict]:
             if it >= cfg["warmup"]:
                 row["times"].append(float(t))
                 row["stats"].append(st)
+    for row in rows:
+        row["latency"] = latency
     return rows
+
+
+def _ping(rank: int, x: torch.Tensor, n: int = 30) -> float:
+    """Median one-way time of a micro-batch-sized message between ranks 0 and 1 (our P2P path)."""
+    from dualpipe.p2p import P2P
+
+    p2p = P2P(None, 60.0)
+    buf = x.detach().clone()
+    rtts = []
+    for _ in range(n):
+        dist.barrier()
+        t0 = time.perf_counter()
+        if rank == 0:
+            p2p.wait(p2p.isend(buf, 1, 5), 1, "ping")
+            p2p.wait(p2p.irecv(buf, 1, 6), 1, "ping")
+        elif rank == 1:
+            p2p.wait(p2p.irecv(buf, 0, 5), 0, "ping")
+            p2p.wait(p2p.isend(buf, 0, 6), 0, "ping")
+        rtts.append(time.perf_counter() - t0)
+    p2p.close()
+    return statistics.median(rtts) / 2
+
+
+def _calibrated(timelines: list[list], latency: float) -> list[Costs]:
+    """Per-rank costs from the measured action durations (medians) and the measured P2P latency."""
+    out = []
+    for tl in timelines:
+        med = {op: statistics.median(e.duration for e in tl if e.op == op) for op in {e.op for e in tl}}
+        w = med.get("W", 0.0)
+        b = med["BW"] if "BW" in med else med.get("B", 0.0) + w
+        b = max(b, w)
+        out.append(Costs(f=med["F"], b=b, w=w, fb=med.get("FB"), p2p_latency=latency))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -225,6 +264,12 @@ def run(kind: str, args: argparse.Namespace) -> list[dict]:
             row["bubble_sim"] = sim.bubble_fraction
             row["meas/sim"] = row["step_ms"] / row["sim_step_ms"]
             row["act_peak_pred"] = max(sim.peak_activations)
+            if not name.startswith("torch"):
+                tls = [r[i]["stats"][-1]["timeline"] for r in per_rank]
+                cal = simulate(build(sched_name, pp, chunks), _calibrated(tls, per_rank[0][i]["latency"]))
+                row["p2p_lat_ms"] = per_rank[0][i]["latency"] * 1e3
+                row["sim_cal_ms"] = cal.step_time * 1e3
+                row["meas/sim_cal"] = row["step_ms"] / row["sim_cal_ms"]
         if not name.startswith("torch"):
             peaks = [r[i]["stats"][-1]["peak_activations"] for r in per_rank]
             row["act_peak_meas"] = max(peaks)
@@ -268,9 +313,9 @@ def main() -> None:
     ap.add_argument("--kind", choices=["emulated", "real", "both"], default="both")
     ap.add_argument("--pp", type=int, default=8, help="ranks for emulated stages")
     ap.add_argument("--chunks", type=int, default=16)
-    ap.add_argument("--f-ms", type=float, default=20.0)
-    ap.add_argument("--b-ms", type=float, default=40.0)
-    ap.add_argument("--w-ms", type=float, default=20.0)
+    ap.add_argument("--f-ms", type=float, default=40.0)
+    ap.add_argument("--b-ms", type=float, default=80.0)
+    ap.add_argument("--w-ms", type=float, default=40.0)
     ap.add_argument("--pp-real", type=int, default=2, help="ranks for real stages (one core each)")
     ap.add_argument("--chunks-real", type=int, default=8)
     ap.add_argument("--d", type=int, default=256)
@@ -291,6 +336,7 @@ def main() -> None:
     emu = [r for r in rows if r["kind"] == "emulated" and not r["impl"].startswith("torch")]
     if emu:
         summary["emulated_max_abs_dev_from_sim"] = max(abs(r["meas/sim"] - 1) for r in emu)
+        summary["emulated_max_abs_dev_from_calibrated_sim"] = max(abs(r["meas/sim_cal"] - 1) for r in emu)
     real = [r for r in rows if r["kind"] == "real" and not r["impl"].startswith("torch")]
     if real:
         summary["real_speedup_vs_torch_dualpipev"] = {r["impl"]: r["vs_torch_dualpipev"] for r in real}

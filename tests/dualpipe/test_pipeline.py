@@ -7,10 +7,14 @@ three-tensor boundaries (float hidden, float side state, int64 ids) whose micro-
 two pipelines in one process; forward-only steps; DP=2 x PP=2.
 """
 
+import re
+
 import torch
 import torch.distributed as dist
 
 from dualpipe.pipeline import DualPipe, DualPipeV, Pipeline1F1B, PipelineZB1P
+from dualpipe.schedules import build_dualpipe
+from dualpipe.simulate import Costs, simulate
 from tests.distributed import run_ranks
 from tests.dualpipe.pipeline_models import batch, criterion, make_stage, reference_full, rel_err
 
@@ -104,7 +108,11 @@ def _rank_two(rank, world):
     b = _build("zb1p", world, rank, "linear")
     ra1 = _train(a, 4)
     rb = _train(b, 4)
-    ra2 = _train(a, 4)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        ra2 = _train(a, 4)
+    spans = sorted({m.group(1) for e in prof.events() if (m := re.match(r"dualpipe\.([A-Z]+)", e.name))})
+    train_timeline = list(a.timeline)
+    n_compute = len(a.schedule(4).compute_actions(rank))
     # the boundary shapes change between steps (17 rows instead of 13): the peers notice from the header
     x, z, ids, y = batch(17, 8)
     for p in a.parameters():
@@ -120,11 +128,28 @@ def _rank_two(rank, world):
             x, z, ids, num_chunks=4, criterion=criterion, labels=(y,), return_outputs=True
         )
     no_grads = all(p.grad is None for p in a.parameters())
-    return dict(cases=out, two=(ra1, rb, ra2), fo=(loss_fo, out_fo, no_grads), timeline=a.timeline, n17=ra3)
+    return dict(
+        cases=out,
+        two=(ra1, rb, ra2),
+        fo=(loss_fo, out_fo, no_grads),
+        timeline=a.timeline,
+        n17=ra3,
+        trace=(spans, train_timeline, n_compute),
+    )
 
 
-def test_pp2_all_schedules_splits_ties_overlap_two_pipelines_forward_only():
+def test_pp2_all_schedules_splits_ties_overlap_two_pipelines_forward_only(tmp_path):
     res = run_ranks(_rank_two, 2, timeout=240)
+    # per-rank trace: profiler spans for every compute op, and the runtime's own timeline (one event
+    # per compute action), drawable beside the simulated one
+    timelines = []
+    for rr in res:
+        spans, timeline, n_compute = rr["trace"]
+        assert {"F", "B", "W", "FB"} <= set(spans) and len(timeline) == n_compute
+        assert all(0 <= e.start <= e.end for e in timeline)
+        timelines += timeline
+    sim = simulate(build_dualpipe(2, 4), Costs(1e-3, 2e-3, 1e-3))
+    assert sim.plot(tmp_path / "step.png", measured=timelines).stat().st_size > 0
     cases = [r["cases"] for r in res]
     for i, case in enumerate(CASES_2):
         _check(cases, case, i)
