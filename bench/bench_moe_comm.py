@@ -142,6 +142,7 @@ def section_comm(cfg: dict, device) -> list[dict]:
     group = dist.group.WORLD
     ours = Dispatcher(group, E, timeout=120)
     ours_cap = Dispatcher(group, E, capacity=T, timeout=120)
+    ours_red = Dispatcher(group, E, combine="reduced", timeout=120)
 
     def run_ours(d):
         def run():
@@ -158,6 +159,7 @@ def section_comm(cfg: dict, device) -> list[dict]:
     mega = megatron_style(x, idx, w, E)
     t_ours = timed(run_ours(ours), iters, device=device)
     t_cap = timed(run_ours(ours_cap), iters, device=device)
+    t_red = timed(run_ours(ours_red), iters, device=device)
     t_plain = timed(plain, iters, device=device)
     t_mega = timed(mega, iters, device=device)
     counts = torch.tensor([sum(st.send_splits), st.num_pairs], dtype=torch.float64, device=device)
@@ -166,6 +168,7 @@ def section_comm(cfg: dict, device) -> list[dict]:
         {"impl": "plain all_to_all_single (same bytes)", "us": t_plain, "vs_plain": 1.0},
         {"impl": "ours (host-sync counts)", "us": t_ours, "vs_plain": t_ours / t_plain},
         {"impl": "ours (capacity, no host sync)", "us": t_cap, "vs_plain": t_cap / t_plain},
+        {"impl": "ours (combine='reduced')", "us": t_red, "vs_plain": t_red / t_plain},
         {"impl": "megatron-style (argsort, per-pair rows)", "us": t_mega, "vs_plain": t_mega / t_plain},
     ]
     for r in rows:
@@ -188,27 +191,39 @@ def section_nodes(cfg: dict, device) -> list[dict]:
         idx, w = router(x)
     topo = Topology(W, E, rpn)
     b = bytes_across_nodes(idx, topo, rank, H * x.element_size())
-    tot = torch.tensor([b["dispatch_flat"], b["dispatch_hierarchical"], b["combine"]], dtype=torch.float64,
-                       device=device)  # fmt: skip
-    dist.all_reduce(tot)
-    times = {}
+    keys = [
+        "dispatch_flat",
+        "dispatch_hierarchical",
+        "combine",
+        "combine_reduced_flat",
+        "combine_reduced_hierarchical",
+    ]
+    tot = dict(zip(keys, torch.tensor([b[k] for k in keys], dtype=torch.float64, device=device)))
+    for v in tot.values():
+        dist.all_reduce(v)
+    rows = []
     for hier in (False, True):
-        d = Dispatcher(dist.group.WORLD, E, ranks_per_node=rpn, hierarchical=hier, timeout=120)
+        for combine in ("pairs", "reduced"):
+            d = Dispatcher(
+                dist.group.WORLD, E, ranks_per_node=rpn, hierarchical=hier, combine=combine, timeout=120
+            )
 
-        def run(d=d):
-            res = d.dispatch(x, idx, w)
-            d.combine(res.x, res.handle)
+            def run(d=d):
+                res = d.dispatch(x, idx, w)
+                d.combine(res.x, res.handle)
 
-        times[hier] = timed(run, cfg["iters"], device=device)
-    return [
-        {"section": "nodes", "mode": "flat", "world": W, "nodes": 2, "node_limit": min(cfg["node_limit"], 2),
-         "dispatch_bytes_across_nodes": int(tot[0]), "combine_bytes_across_nodes": int(tot[2]),
-         "us": times[False]},
-        {"section": "nodes", "mode": "hierarchical", "world": W, "nodes": 2,
-         "node_limit": min(cfg["node_limit"], 2), "dispatch_bytes_across_nodes": int(tot[1]),
-         "combine_bytes_across_nodes": int(tot[2]), "us": times[True],
-         "dispatch_bytes_vs_flat": float(tot[1] / tot[0])},
-    ]  # fmt: skip
+            mode = "hierarchical" if hier else "flat"
+            row = {"section": "nodes", "mode": mode, "combine": combine, "world": W, "nodes": 2}
+            row["node_limit"] = min(cfg["node_limit"], 2)
+            row["dispatch_bytes_across_nodes"] = int(tot[f"dispatch_{mode}"])
+            reduced = tot[f"combine_reduced_{mode}"]
+            row["combine_bytes_across_nodes"] = int(tot["combine"] if combine == "pairs" else reduced)
+            row["us"] = timed(run, cfg["iters"], device=device)
+            rows.append(row)
+    for r in rows:
+        r["bytes_vs_flat_pairs"] = (r["dispatch_bytes_across_nodes"] + r["combine_bytes_across_nodes"]) / (
+            rows[0]["dispatch_bytes_across_nodes"] + rows[0]["combine_bytes_across_nodes"])  # fmt: skip
+    return rows
 
 
 class _SleepExperts(torch.nn.Module):
@@ -420,7 +435,9 @@ def main() -> None:
             "ours (host-sync counts)"]["us"]  # fmt: skip
     for r in rows:
         if r["section"] == "nodes" and r["mode"] == "hierarchical":
-            summary["hierarchical_dispatch_bytes_vs_flat"] = r["dispatch_bytes_vs_flat"]
+            summary[f"hierarchical_{r['combine']}_bytes_across_nodes_vs_flat_pairs"] = r[
+                "bytes_vs_flat_pairs"
+            ]
         if r["section"] == "overlap":
             summary[f"hidden_fraction_{r['compute']}"] = r["hidden_fraction"]
     print("\nsummary:", {k: round(v, 3) for k, v in summary.items()})

@@ -50,8 +50,10 @@ from moe_comm.stages import DynamicStage, RowFormat, StaticStage
 __all__ = ["Dispatcher", "DispatchHandle", "DispatchResult", "Work", "sum_pairs_fp32"]
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
-_SIGNATURE_LABELS = {"dtype": [str(d) for d in _DTYPE_CODES], "payload": ["native", "fp8"]}
+_SIGNATURE_LABELS = {"dtype": [str(d) for d in _DTYPE_CODES], "payload": ["native", "fp8"],
+                     "combine": ["pairs", "reduced"]}  # fmt: skip
 _PAYLOADS = ("native", "fp8")
+_COMBINE_MODES = ("pairs", "reduced")
 
 
 @dataclass
@@ -67,7 +69,8 @@ class DispatchHandle:
     hidden: int
     payload: str
     expanded: torch.Tensor | None = None  # the dispatch chain's output, until DispatchFn takes it
-    combined_pairs: tuple | None = None  # (rows, (T, K) index) kept by launch_combine for its backward
+    # kept by combine for its backward (d topk_weights): ("pairs", (rows, (T, K) index)) or ("reduced", y)
+    combine_saved: tuple | None = None
 
     def weights_fp32(self) -> torch.Tensor:
         """The routing weights as used by combine: FP32, 0 at unused slots, detached."""
@@ -143,6 +146,10 @@ class Dispatcher:
         capacity: worst-case tokens per rank; enables the no-host-sync path (masked layout). On a GPU that
             path does not range-check expert ids (it would synchronise); the first call per input
             signature checks the peers' signatures (one synchronisation), later calls none.
+        combine: "pairs" (every (token, expert) output returns to the source, summed there in FP32 in k order:
+            bitwise equal to the plain all_to_all_single reference) or "reduced" (DeepEP's traffic: each
+            rank, then each node's forwarder, pre-sums a token's outputs in FP32 and returns one row per
+            (token, rank / node) in y's dtype; deterministic, partial sums rounded per hop).
         timeout: seconds any wait may block before raising a PeerError naming the silent peer.
         comm_thread: run each exchange on the group's FIFO communication thread (default: on for gloo), so
             that count exchanges and later hops never block the caller (moe_comm/comm.py, "Issue order").
@@ -157,10 +164,16 @@ class Dispatcher:
         hierarchical: bool | None = None,
         align: int = 1,
         capacity: int | None = None,
+        combine: str = "pairs",
         timeout: float = 300.0,
         comm_thread: bool | None = None,
     ) -> None:
         self.comm = Comm(group, timeout, comm_thread)
+        if combine not in _COMBINE_MODES:
+            raise ValueError(f"combine={combine!r} must be one of {_COMBINE_MODES}")
+        if combine == "reduced" and capacity is not None:
+            raise ValueError("combine='reduced' is implemented for the exact-count path (capacity=None)")
+        self.combine_mode = combine
         W = self.comm.world_size
         self.topo = Topology(W, num_experts, ranks_per_node or W)
         self.num_experts = num_experts
@@ -245,7 +258,7 @@ class Dispatcher:
         """Work -> out (T, H). Keeps the returned pairs on the handle for :meth:`launch_combine_backward`."""
 
         def finish(result: tuple) -> torch.Tensor:
-            handle.combined_pairs, out = result
+            handle.combine_saved, out = result
             return out
 
         return self._launch_combine(y, handle, finish, True)
@@ -270,11 +283,23 @@ class Dispatcher:
         d w[t, k] = <d out[t], y[pair (t, k)]> in FP32 (needs the pairs kept by launch_combine).
         """
         grad_out = grad_out.detach().contiguous()
-        pairs, handle.combined_pairs = handle.combined_pairs, None
+        saved, handle.combine_saved = handle.combine_saved, None
+        layout, stages = handle.layout, handle.stages
 
         def steps():
-            grad_w = None if pairs is None else weights_grad(grad_out, *pairs, handle.topk_idx)
-            grad_y = yield from self._rows_to_experts(grad_out, handle, y_dtype, "combine backward")
+            grad_w = None
+            if saved is not None and saved[0] == "pairs":  # the pairs are at the source
+                grad_w = weights_grad(grad_out, *saved[1], handle.topk_idx)
+            rows = grad_out
+            for s, st in enumerate(stages):
+                rows = yield st.forward_rows(rows, f"combine backward hop {s}")
+            grad_y = layout.scatter_pairs(rows, y_dtype)
+            if saved is not None and saved[0] == "reduced":  # the pairs are at the experts: dot there, return
+                dots = layout.pair_dots(rows, saved[1])
+                buf, index = yield from self._pairs_to_source(dots, handle, "combine backward (weights)")
+                grad_w = torch.where(
+                    handle.topk_idx >= 0, buf[:, 0].index_select(0, index.flatten()).view(index.shape), 0.0
+                )
             return grad_y, grad_w
 
         return Work(self.comm.start(steps(), "combine backward"))
@@ -303,10 +328,18 @@ class Dispatcher:
         handle.layout.check_y(y)
         weights = handle.weights_fp32()
 
-        def steps():  # all on the communication thread: gather, hops, FP32 sum
-            pairs = handle.layout.gather_pairs(y.detach())
-            src = yield from self._pairs_to_source(pairs, handle, "combine")
-            return src, sum_pairs_fp32(*src, weights, handle.x_dtype)
+        def steps():  # all on the communication thread: gather, hops, FP32 sums
+            yd = y.detach()
+            if self.combine_mode == "pairs":  # every pair back to the source, summed there in k order
+                src = yield from self._pairs_to_source(handle.layout.gather_pairs(yd), handle, "combine")
+                return ("pairs", src), sum_pairs_fp32(*src, weights, handle.x_dtype)
+            # reduced: a rank sums its pairs of a row (k ascending), a forwarder its ranks' partials (rank
+            # ascending), the source its nodes' / ranks' partials (ascending); partials in y's dtype per hop
+            partial = handle.layout.row_partials(yd)
+            for s in reversed(range(len(handle.stages))):
+                buf, slots = yield handle.stages[s].reverse_rows(partial, f"combine hop {s}")
+                partial = sum_pairs_fp32(buf, slots, None, yd.dtype if s > 0 else handle.x_dtype)
+            return ("reduced", yd), partial
 
         work = Work(self.comm.start(steps(), "combine"), finish)
         return work if async_op else work.wait()
@@ -342,6 +375,7 @@ class Dispatcher:
             "hierarchical": int(self.hierarchical),
             "payload": _PAYLOADS.index(payload),
             "capacity (0 = exact counts)": self.capacity or 0,
+            "combine": _COMBINE_MODES.index(self.combine_mode),
         }
 
     def _payload_bytes(self, x: torch.Tensor, payload: str) -> tuple[torch.Tensor, int]:
@@ -407,12 +441,6 @@ class Dispatcher:
         for s in reversed(range(1, len(handle.stages))):
             pairs = yield handle.stages[s].reverse_pairs(pairs, f"{what} hop {s}")
         return (yield handle.stages[0].reverse_pairs_indexed(pairs, f"{what} hop 0"))
-
-    def _rows_to_experts(self, rows: torch.Tensor, handle: DispatchHandle, dtype: torch.dtype, what: str):
-        """Generator: source rows (T, H) -> (layout rows, H) = pair weight * row (the combine's backward)."""
-        for s, st in enumerate(handle.stages):
-            rows = yield st.forward_rows(rows, f"{what} hop {s}")
-        return handle.layout.scatter_pairs(rows, dtype)
 
 
 def sum_pairs_fp32(

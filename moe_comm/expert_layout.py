@@ -73,6 +73,7 @@ class ContiguousLayout:
                 f"[{first_expert}, {first_expert + num_local}) (peers disagree on num_experts or topology?)"
             )
         self.pair_weights = weights[self.pair_row, pair_k]
+        self.valid, self.slot_weights = valid, torch.where(valid, weights, 0.0)
         if row_order is None:
             _, counts, rank = _group_positions(local, num_local)
         else:  # rank each pair by (position of its row in row_order, k)
@@ -107,6 +108,23 @@ class ContiguousLayout:
         """(num_rows, H) expert outputs -> (P, H) one row per pair, in received (row, k) order."""
         self.check_y(y)
         return y.index_select(0, self.pos)
+
+    def row_partials(self, y: torch.Tensor) -> torch.Tensor:
+        """Reduced combine: (R, H) in y's dtype, row i = sum over its pairs, k ascending, in FP32 from 0, of
+        weight * y[pair] (rounded to y's dtype once, at the end)."""
+        from moe_comm.dispatcher import sum_pairs_fp32
+
+        self.check_y(y)
+        R, K = self.valid.shape
+        index = torch.full((R * K,), self.num_rows, dtype=torch.long, device=y.device)
+        index[self.valid.flatten()] = self.pos
+        y0 = torch.cat([y, y.new_zeros((1, *y.shape[1:]))])
+        return sum_pairs_fp32(y0, index.view(R, K), self.slot_weights, y.dtype)
+
+    def pair_dots(self, rows: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(P, 1) FP32: <rows[pair_row], y[pair]> for each pair (d weight of the reduced combine)."""
+        g = rows.index_select(0, self.pair_row).float()
+        return (g * y.index_select(0, self.pos).float()).sum(-1, keepdim=True)
 
     def scatter_pairs(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Received plain rows (R, H) -> (num_rows, H) = weight of each pair * its row, in ``dtype``."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_comm.dispatcher import DispatchHandle, DispatchResult, weights_grad
+from moe_comm.dispatcher import DispatchHandle, DispatchResult
 
 __all__ = ["CombineFn", "DequantThroughProxy", "DispatchFn", "finish_dispatch", "finish_dispatch_nograd"]
 
@@ -120,20 +120,18 @@ class CombineFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, topk_weights, handle: DispatchHandle, result: tuple) -> torch.Tensor:
-        pairs, out = result  # computed by the combine chain: pairs at the source and their FP32 sum
+        saved, out = result  # computed by the combine chain; saved: what d topk_weights needs
         ctx.handle, ctx.y_dtype, ctx.w_dtype = handle, y.dtype, topk_weights.dtype
-        ctx.pairs = pairs if ctx.needs_input_grad[1] else None  # (rows, (T, K) index), for d topk_weights
+        handle.combine_saved = saved if ctx.needs_input_grad[1] else None
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         handle: DispatchHandle = ctx.handle
-        grad_y = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_y, _ = handle.dispatcher.launch_combine_backward(grad_out, handle, ctx.y_dtype).wait()
-        if ctx.needs_input_grad[1]:
-            grad_w = weights_grad(grad_out, *ctx.pairs, handle.topk_idx).to(ctx.w_dtype)
-            ctx.pairs = None
+        grad_y, grad_w = handle.dispatcher.launch_combine_backward(grad_out, handle, ctx.y_dtype).wait()
+        if not ctx.needs_input_grad[0]:
+            grad_y = None
+        grad_w = grad_w.to(ctx.w_dtype) if ctx.needs_input_grad[1] and grad_w is not None else None
         return grad_y, grad_w, None, None
 
 

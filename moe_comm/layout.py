@@ -119,11 +119,12 @@ def get_dispatch_layout(topk_idx: torch.Tensor, topo: Topology) -> DispatchLayou
 
 
 def bytes_across_nodes(topk_idx: torch.Tensor, topo: Topology, rank: int, row_bytes: int) -> dict[str, int]:
-    """Bytes this rank's dispatch and combine send to other nodes, flat versus hierarchical.
+    """Bytes this rank's dispatch and combine send across nodes, flat versus hierarchical.
 
     Flat dispatch sends one row per (token, destination rank); hierarchical dispatch sends one row per
-    (token, destination node) across the inter-node link, then fans out inside the node. Combine returns
-    one row per (token, expert) pair either way (its FP32 sum is done at the source, in a fixed order).
+    (token, destination node) across the inter-node link, then fans out inside the node. The default
+    combine ("pairs") returns one row per (token, expert) pair either way (the exact FP32 sum is done at
+    the source); combine="reduced" returns what the dispatch sent (one row per token and rank / node).
     """
     layout = get_dispatch_layout(topk_idx, topo)
     node = topo.node_of_rank(rank)
@@ -134,4 +135,6 @@ def bytes_across_nodes(topk_idx: torch.Tensor, topo: Topology, rank: int, row_by
         "dispatch_flat": int(layout.tokens_per_rank.cpu()[off_rank].sum()) * row_bytes,
         "dispatch_hierarchical": int(layout.tokens_per_node.cpu()[off_node].sum()) * row_bytes,
         "combine": int(layout.tokens_per_expert.cpu()[expert_node != node].sum()) * row_bytes,
+        "combine_reduced_flat": int(layout.tokens_per_rank.cpu()[off_rank].sum()) * row_bytes,
+        "combine_reduced_hierarchical": int(layout.tokens_per_node.cpu()[off_node].sum()) * row_bytes,
     }

@@ -97,6 +97,13 @@ class DynamicStage:
         self.send_peer, self.send_rows = peer_row[:, 0], peer_row[:, 1]
         self.send_counts = sel.sum(0)
         self.send_splits: list[int] = self.send_counts.tolist()
+        # Reduced combine: partial (row j, peer r) comes back at the position row j was sent to r from; a row
+        # reaches at most min(K, W) peers, listed in ascending order (unused: the appended zero row).
+        S = self.send_rows.numel()
+        by_peer = torch.full((self.n, W + 1), S, dtype=torch.long, device=target.device)
+        by_peer[self.send_rows, self.send_peer] = torch.arange(S, device=target.device)
+        peers = torch.sort(torch.where(sel, torch.arange(W, device=target.device), W), dim=1).values
+        self.row_slots = by_peer.gather(1, peers[:, : min(self.topk, W)])
         tv = target[target >= 0]  # the slots' peers in (row, k) order
         order = torch.sort(tv, stable=True).indices  # pair index for each (peer, row, k)-ordered arrival
         self.pair_inv = torch.empty_like(order)
@@ -160,6 +167,15 @@ class DynamicStage:
         return self.comm.all_to_all(pairs, self.rev_send_splits, self.rev_recv_splits, what).map(
             lambda got: got.index_select(0, self.pair_inv)
         )
+
+    def reverse_rows(self, rows: torch.Tensor, what: str) -> Pending:
+        """Reduced combine: one row per received row back to its sender -> (buffer + zero row, (n, Kp)
+        index of each row's partials, peers ascending)."""
+        S = self.send_rows.numel()
+        full = rows.new_empty((S + 1, *rows.shape[1:]))
+        full[-1].zero_()
+        pending = self.comm.all_to_all(rows, self.recv_splits, self.send_splits, what, out=full[:-1])
+        return pending.map(lambda _: (full, self.row_slots))
 
     def reverse_pairs_indexed(self, pairs: torch.Tensor, what: str) -> Pending:
         """Like reverse_pairs, for the source: (received rows + a zero row, (n, K) index into them)."""

@@ -64,6 +64,31 @@ def expected_combine(x, idx, w, dtype) -> torch.Tensor:
     return acc.to(dtype)
 
 
+def expected_combine_reduced(x, idx, w, dtype, epr: int, rpn: int | None, hier: bool) -> torch.Tensor:
+    """combine='reduced': per rank an FP32 sum over its slots (k ascending) rounded to dtype; hierarchical:
+    per node an FP32 sum over its ranks' partials (ascending) rounded; then an FP32 sum of those."""
+    out = []
+    for t in range(x.shape[0]):
+        parts: dict[int, torch.Tensor] = {}
+        for k in range(idx.shape[1]):
+            e = int(idx[t, k])
+            if e >= 0:
+                r = e // epr
+                acc = parts.get(r, torch.zeros(x.shape[1]))
+                parts[r] = acc + w[t, k] * expert_transform(x[t], e).float()
+        parts = {r: p.to(dtype) for r, p in parts.items()}
+        if hier:
+            nodes: dict[int, torch.Tensor] = {}
+            for r in sorted(parts):
+                nodes[r // rpn] = nodes.get(r // rpn, torch.zeros(x.shape[1])) + parts[r].float()
+            parts = {n: p.to(dtype) for n, p in nodes.items()}
+        acc = torch.zeros(x.shape[1])
+        for key in sorted(parts):
+            acc = acc + parts[key].float()
+        out.append(acc.to(dtype))
+    return torch.stack(out) if out else x.new_zeros(0, x.shape[1])
+
+
 def expert_views(res, disp):
     """[(global expert, rows of that expert)] from either layout; also returns the padding rows."""
     views, pads = [], []
@@ -103,6 +128,7 @@ def check_config(rank, W, cfg) -> dict:
         hierarchical=cfg.get("hier"),
         align=cfg.get("align", 1),
         capacity=cfg.get("cap"),
+        combine=cfg.get("combine", "pairs"),
         timeout=30,
     )
     res = disp.dispatch(x, idx, w)
@@ -123,9 +149,17 @@ def check_config(rank, W, cfg) -> dict:
     y = apply_experts(res, disp)
     out = disp.combine(y, res.handle)
     assert out.dtype == dtype and out.shape == x.shape
-    assert torch.equal(out, expected_combine(x, idx, w, dtype)), f"{cfg['name']}: combine differs from oracle"
-    ref_y = torch.cat([expert_transform(r, e) for e, r in views])
-    assert torch.equal(out, reference_combine(ref_y, w, state, dtype, dist.group.WORLD))
+    if disp.combine_mode == "pairs":
+        assert torch.equal(out, expected_combine(x, idx, w, dtype)), (
+            f"{cfg['name']}: combine differs from oracle"
+        )
+        ref_y = torch.cat([expert_transform(r, e) for e, r in views])
+        assert torch.equal(out, reference_combine(ref_y, w, state, dtype, dist.group.WORLD))
+    else:
+        ref = expected_combine_reduced(x, idx, w, dtype, disp.num_local_experts, disp.topo.ranks_per_node,
+                                       disp.hierarchical)  # fmt: skip
+        assert torch.equal(out, ref), f"{cfg['name']}: reduced combine differs from its oracle"
+        reference_combine(torch.cat([r for _, r in views]), w, state, dtype, dist.group.WORLD)  # keep in step
     # 4. combine(dispatch(x)) == x * sum(weights)
     ident = disp.combine(res.x, res.handle)
     wsum = torch.where(idx >= 0, w, 0.0).sum(1, keepdim=True)
@@ -157,20 +191,16 @@ def _run_configs(rank: int, world_size: int, cfgs: list[dict]) -> list[dict]:
 BF16, FP32 = torch.bfloat16, torch.float32
 
 
+def cfg(name: str, dtype, E: int, K: int, H: int, seed: int, **kw) -> dict:
+    return {"name": name, "dtype": dtype, "E": E, "K": K, "H": H, "seed": seed, **kw}
+
+
 def test_two_ranks():
     cfgs = [
-        {"name": "fp32 flat", "dtype": FP32, "E": 4, "K": 3, "H": 40, "seed": 1},
-        {
-            "name": "bf16 align 8, empty rank",
-            "dtype": BF16,
-            "E": 6,
-            "K": 3,
-            "H": 33,
-            "seed": 2,
-            "align": 8,
-            "tokens": [11, 0],
-        },  # fmt: skip
-        {"name": "bf16 capacity", "dtype": BF16, "E": 4, "K": 4, "H": 24, "seed": 3, "cap": 16},
+        cfg("fp32 flat", FP32, 4, 3, 40, 1),
+        cfg("bf16 align 8, empty rank", BF16, 6, 3, 33, 2, align=8, tokens=[11, 0]),
+        cfg("bf16 capacity", BF16, 4, 4, 24, 3, cap=16),
+        cfg("bf16 reduced", BF16, 6, 4, 40, 9, combine="reduced"),
     ]
     out = run_ranks(_run_configs, 2, args=(cfgs,))
     assert all(r["rows"] >= 0 for rank_out in out for r in rank_out)
@@ -178,27 +208,10 @@ def test_two_ranks():
 
 def test_four_ranks_flat_hierarchical_capacity_and_hash():
     cfgs = [
-        {"name": "bf16 flat", "dtype": BF16, "E": 8, "K": 3, "H": 64, "seed": 4},
-        {
-            "name": "fp32 2 nodes hierarchical",
-            "dtype": FP32,
-            "E": 8,
-            "K": 4,
-            "H": 20,
-            "seed": 5,
-            "rpn": 2,
-            "hash_runs": 20,
-        },  # fmt: skip
-        {
-            "name": "fp32 capacity align 4",
-            "dtype": FP32,
-            "E": 12,
-            "K": 3,
-            "H": 16,
-            "seed": 6,
-            "cap": 17,
-            "align": 4,
-        },  # fmt: skip
+        cfg("bf16 flat", BF16, 8, 3, 64, 4),
+        cfg("fp32 2 nodes hierarchical", FP32, 8, 4, 20, 5, rpn=2, hash_runs=20),
+        cfg("fp32 capacity align 4", FP32, 12, 3, 16, 6, cap=17, align=4),
+        cfg("bf16 reduced hierarchical", BF16, 16, 6, 24, 10, rpn=2, combine="reduced"),
     ]
     out = run_ranks(_run_configs, 4, args=(cfgs,))
     assert all(o[1]["digest"] for o in out)
@@ -206,18 +219,10 @@ def test_four_ranks_flat_hierarchical_capacity_and_hash():
 
 def test_eight_ranks_two_nodes_of_four():
     cfgs = [
-        {"name": "bf16 2x4 hierarchical", "dtype": BF16, "E": 16, "K": 4, "H": 48, "seed": 7, "rpn": 4},
-        {
-            "name": "bf16 2x4 flat",
-            "dtype": BF16,
-            "E": 16,
-            "K": 4,
-            "H": 48,
-            "seed": 7,
-            "rpn": 4,
-            "hier": False,
-        },
-        {"name": "fp32 capacity", "dtype": FP32, "E": 8, "K": 2, "H": 8, "seed": 8, "cap": 28},
+        cfg("bf16 2x4 hierarchical", BF16, 16, 4, 48, 7, rpn=4),
+        cfg("bf16 2x4 flat", BF16, 16, 4, 48, 7, rpn=4, hier=False),
+        cfg("fp32 capacity", FP32, 8, 2, 8, 8, cap=28),
+        cfg("bf16 2x4 reduced", BF16, 16, 5, 16, 11, rpn=4, combine="reduced"),
     ]
     out = run_ranks(_run_configs, 8, args=(cfgs,))
     rows = [o[0]["rows"] for o in out]
@@ -231,5 +236,7 @@ def test_bytes_across_nodes_hierarchical_never_more():
     b = bytes_across_nodes(idx, topo, rank=1, row_bytes=100)
     # Each token reaches the other node's 4 ranks at most 4 times flat, once hierarchical.
     assert 0 < b["dispatch_hierarchical"] < b["dispatch_flat"] <= b["combine"]
+    assert b["combine_reduced_hierarchical"] == b["dispatch_hierarchical"]
+    assert b["combine_reduced_flat"] == b["dispatch_flat"]
     other = (idx // 16 == 1).any(1).sum().item()
     assert b["dispatch_hierarchical"] == other * 100

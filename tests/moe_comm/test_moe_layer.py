@@ -152,6 +152,8 @@ def test_expert_parallel_gradients_equal_single_process():
         {"name": "hierarchical", "kw": {"ranks_per_node": 2}, "pieces": True},
         {"name": "capacity", "kw": {"capacity": 2 * (3 + W)}},
         {"name": "aligned", "kw": {"align": 8}},
+        {"name": "reduced", "kw": {"combine": "reduced"}},
+        {"name": "reduced hierarchical", "kw": {"combine": "reduced", "ranks_per_node": 2}, "pieces": True},
     ]
     outs = run_ranks(_ep_rank, W, args=(modes,))
     # Single-process reference over all ranks' tokens (one loss = sum of the ranks' losses).
