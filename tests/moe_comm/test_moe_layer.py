@@ -211,6 +211,23 @@ def _fp8_rank(rank: int, world_size: int) -> dict:
     out_q.float().sum().backward()
     out_n = disp.combine(ex(res_n), res_n.handle)
     assert out_q.dtype == torch.bfloat16
+    # The FP8 layer through dualpipe's pieces path equals its plain forward and backward.
+    from dualpipe.overlap import run_pieces
+
+    torch.manual_seed(7)
+    router = DeepSeekV3Router(256, E, K)
+    layer = MoELayer(router, ex_fp8, disp, payload="fp8")
+    xs = [x.bfloat16().requires_grad_() for _ in range(2)]
+    ys = [layer(xs[0]), run_pieces(layer.forward_pieces(xs[1]))]
+    assert torch.equal(ys[0], ys[1]), "FP8 layer: pieces forward differs"
+    grads = []
+    for y in ys:
+        layer.zero_grad()
+        y.float().square().sum().backward()
+        grads.append([p.grad.clone() for p in layer.parameters()])
+    assert torch.equal(xs[0].grad, xs[1].grad) and xs[0].grad.abs().sum() > 0
+    for a, b in zip(*grads):
+        assert_close(a.float(), b.float(), 1e-6, 1e-6, "FP8 layer pieces grads")
     return {
         "payload": diff,
         "experts": fp8.calc_diff(out_q.float(), out_n.float()),
