@@ -36,8 +36,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dualpipe.schedules import Action, Op, Schedule, ScheduleError, message_key
+from dualpipe.schedules import Action, Op, Schedule, ScheduleError
 from dualpipe.trace import Event, plot_timelines, write_chrome_trace
+from dualpipe.validate import message_key
 
 
 class DeadlockError(ScheduleError):
