@@ -25,6 +25,7 @@ are timed round-robin, one step each per round. Targets: emulated step within
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from typing import Any
@@ -327,12 +328,14 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/, for GPU results)")
     args = ap.parse_args()
     rows: list[dict] = []
+    load_before = os.getloadavg()
     for kind in ("emulated", "real") if args.kind == "both" else (args.kind,):
         got = run(kind, args)
         print(f"\n{kind} stages")
         print_table(got)
         rows += got
-    summary = {}
+    # a shared host's load moves absolute times; the ratios come from round-robin timing in one run
+    summary: dict[str, Any] = {"loadavg_1m_before_after": [load_before[0], os.getloadavg()[0]]}
     emu = [r for r in rows if r["kind"] == "emulated" and not r["impl"].startswith("torch")]
     if emu:
         summary["emulated_max_abs_dev_from_sim"] = max(abs(r["meas/sim"] - 1) for r in emu)
