@@ -94,6 +94,7 @@ CASES_2 = [
     ("1f1b", "none", "plain", True, 4),  # a tie across ranks 0 and 1
     ("zb1p", "generic", "plain", False, 4),
     ("zb1p", "linear", "plain", False, 5),
+    ("zb1p", "generic", "piecewise", False, 4),
     ("dualpipe", "generic", "plain", True, 4),  # a tie held locally on both ranks, plus mirrors
     ("dualpipe", "none", "piecewise", False, 6),
     ("dualpipev", "linear", "piecewise", False, 4),
