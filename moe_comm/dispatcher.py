@@ -444,30 +444,43 @@ class Dispatcher:
 
 
 def sum_pairs_fp32(
-    rows: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | None, dtype: torch.dtype
+    rows: torch.Tensor,
+    index: torch.Tensor,
+    weights: torch.Tensor | None,
+    dtype: torch.dtype,
+    unused: int | None = None,
 ) -> torch.Tensor:
     """(T, H): sum over k ascending, in FP32 from 0, of weights[:, k] * rows[index[:, k]] (weights None: 1).
 
-    rows (N, H) any float dtype; index (T, K) int64 rows of each pair. The product of a row and its FP32
-    weight is formed in FP32 (the row's value converts exactly), then added: the same two roundings as
-    ``acc = acc + w * y.float()`` per k, so a plain reference reproduces it bit for bit.
+    rows (N, H) any float dtype; index (T, K) int64 rows of each slot; slots whose index equals ``unused``
+    (default N - 1: callers append a zero row) add nothing. The product of a row and its FP32 weight is
+    formed in FP32 (the row's value converts exactly), then added: the same two roundings as
+    ``acc = acc + w * y.float()`` per k, so a plain reference reproduces it bit for bit (skipping a zero
+    term is exact too: a sum that starts at +0 is never -0, and x + 0 == x).
     """
+    unused = rows.shape[0] - 1 if unused is None else unused
     if rows.is_cuda:
         from moe_comm.cuda_ops import use_kernels
 
         if use_kernels(rows):  # one fused pass (csrc/moe_comm/permute_rows.cu), same roundings
-            return torch.ops.frugal_moe.weighted_sum_rows(rows, index, weights, dtype)
+            idx = torch.where(index == unused, -1, index)
+            return torch.ops.frugal_moe.weighted_sum_rows(rows, idx, weights, dtype)
     T, K = index.shape
     acc = torch.zeros(T, *rows.shape[1:], dtype=torch.float32, device=rows.device)
-    picked = rows.new_empty((T, *rows.shape[1:]))
-    term = picked if rows.dtype == torch.float32 else torch.empty_like(acc)
     for k in range(K):
-        torch.index_select(rows, 0, index[:, k], out=picked)
-        if term is not picked:  # convert first: mixed-dtype elementwise ops take a slow path on CPU
-            term.copy_(picked)
+        col = index[:, k]
+        live = (col != unused).nonzero().squeeze(1)
+        if live.numel() == 0:
+            continue
+        whole = live.numel() == T
+        picked = rows.index_select(0, col if whole else col.index_select(0, live))
+        term = picked.float()  # convert first: mixed-dtype elementwise ops take a slow path on CPU
         if weights is not None:
-            term.mul_(weights[:, k : k + 1])
-        acc.add_(term)
+            term.mul_((weights[:, k] if whole else weights[:, k].index_select(0, live))[:, None])
+        if whole:
+            acc.add_(term)
+        else:  # unique rows: one rounded add per element, as above
+            acc.index_add_(0, live, term)
     return acc.to(dtype)
 
 

@@ -116,10 +116,9 @@ class ContiguousLayout:
 
         self.check_y(y)
         R, K = self.valid.shape
-        index = torch.full((R * K,), self.num_rows, dtype=torch.long, device=y.device)
+        index = torch.full((R * K,), -1, dtype=torch.long, device=y.device)
         index[self.valid.flatten()] = self.pos
-        y0 = torch.cat([y, y.new_zeros((1, *y.shape[1:]))])
-        return sum_pairs_fp32(y0, index.view(R, K), self.slot_weights, y.dtype)
+        return sum_pairs_fp32(y, index.view(R, K), self.slot_weights, y.dtype, unused=-1)
 
     def pair_dots(self, rows: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """(P, 1) FP32: <rows[pair_row], y[pair]> for each pair (d weight of the reduced combine)."""
