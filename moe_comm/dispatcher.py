@@ -467,20 +467,28 @@ def sum_pairs_fp32(
             return torch.ops.frugal_moe.weighted_sum_rows(rows, idx, weights, dtype)
     T, K = index.shape
     acc = torch.zeros(T, *rows.shape[1:], dtype=torch.float32, device=rows.device)
+    picked = term = None
     for k in range(K):
         col = index[:, k]
         live = (col != unused).nonzero().squeeze(1)
-        if live.numel() == 0:
+        n = live.numel()
+        if n == 0:
             continue
-        whole = live.numel() == T
-        picked = rows.index_select(0, col if whole else col.index_select(0, live))
-        term = picked.float()  # convert first: mixed-dtype elementwise ops take a slow path on CPU
-        if weights is not None:
-            term.mul_((weights[:, k] if whole else weights[:, k].index_select(0, live))[:, None])
-        if whole:
+        if n == T or (
+            unused >= 0 and 2 * n >= T
+        ):  # mostly live: one gather (the zero row adds +0) into reused buffers
+            if picked is None:
+                picked, term = rows.new_empty((T, *rows.shape[1:])), torch.empty_like(acc)
+            torch.index_select(rows, 0, col, out=picked)
+            term.copy_(picked)  # convert first: mixed-dtype elementwise ops take a slow path on CPU
+            if weights is not None:
+                term.mul_(weights[:, k : k + 1])
             acc.add_(term)
-        else:  # unique rows: one rounded add per element, as above
-            acc.index_add_(0, live, term)
+        else:  # mostly unused: gather the live rows only; unique rows, one rounded add per element
+            part = rows.index_select(0, col.index_select(0, live)).float()
+            if weights is not None:
+                part.mul_(weights[:, k].index_select(0, live)[:, None])
+            acc.index_add_(0, live, part)
     return acc.to(dtype)
 
 
