@@ -99,7 +99,7 @@ def decode_header(h: Tensor) -> tuple[list[int], list[Meta]]:
     return fields, metas
 
 
-KIND_F, KIND_B, KIND_X = 0, 1, 2  # activations, gradients, extra exchanges (losses, grad sums)
+KIND_F, KIND_B, KIND_X, KIND_G = 0, 1, 2, 3  # activations, gradients, extras, coalesced groups
 
 
 def make_tag(kind: int, stage: int, mb: int, part: int) -> int:

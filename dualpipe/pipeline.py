@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from dualpipe.coalesce import message_groups
 from dualpipe.grads import allreduce_dp, sum_mirror_grads, sum_tied_local, sum_tied_remote
 from dualpipe.overlap import OverlapFn, interleave
 from dualpipe.p2p import KIND_X, P2P, PeerError, make_tag
@@ -79,6 +80,7 @@ class Pipeline(nn.Module):
         num_stages: int | None = None,
         dp_average: bool = True,
         timeout_s: float | None = None,
+        coalesce: bool = True,
     ):
         super().__init__()
         name = type(self).__name__
@@ -120,6 +122,8 @@ class Pipeline(nn.Module):
         params = [p for m in mods for p in m.parameters()]
         self.device = params[0].device if params else torch.device("cpu")
         self._schedules: dict[tuple[int, bool], Schedule] = {}
+        self._groups: dict[tuple[int, bool], dict] = {}
+        self.coalesce = coalesce
         self._step_id = 0
         self._meta: dict = {}  # boundary shapes per (kind, stage, micro-batch), shared with the peers' copy
         self.timeline: list[Event] = []
@@ -240,6 +244,7 @@ class Pipeline(nn.Module):
                     f"ranks: {e}"
                 ) from None
             self._schedules[key] = forward_only(sched) if forward else sched
+            self._groups[key] = message_groups(self._schedules[key]) if self.coalesce else {}
         return self._schedules[key]
 
     def simulate(self, num_chunks: int, costs: Costs | Sequence[Costs]) -> SimResult:
@@ -302,8 +307,9 @@ class Pipeline(nn.Module):
         self._step_id += 1
         io = StepIO(mb_inputs, mb_labels, criterion, return_outputs, (num_chunks, self._step_id))
         t0 = time.perf_counter()
+        groups = self._groups[(num_chunks, not grad)]
         engine = Engine(
-            sched, list(self.module), self.p2p, self.policy, self.overlap, self.device, self._meta
+            sched, list(self.module), self.p2p, self.policy, self.overlap, self.device, self._meta, groups
         )
         res = engine.run(io)
         t_engine = time.perf_counter() - t0

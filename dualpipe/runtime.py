@@ -31,6 +31,7 @@ from dualpipe.overlap import BackwardFn, ChunkGraph, OverlapFn, _Tracked, backwa
 from dualpipe.p2p import (
     KIND_B,
     KIND_F,
+    KIND_G,
     P2P,
     Meta,
     PeerError,
@@ -81,6 +82,7 @@ class Engine:
         overlap: OverlapFn,
         device: torch.device,
         meta_cache: dict | None = None,
+        groups: dict | None = None,
     ):
         self.s = schedule
         self.p2p = p2p
@@ -91,6 +93,7 @@ class Engine:
         self.overlap = overlap
         self.device = device
         self.meta_cache = meta_cache if meta_cache is not None else {}  # boundary shapes, kept across steps
+        self.groups = groups if groups is not None else {}  # coalesced messages (dualpipe.coalesce)
 
     # ---------------------------------------------------------------------------------------------------
     def run(self, io: StepIO) -> dict[str, Any]:
@@ -100,6 +103,9 @@ class Engine:
         self.sends: list[tuple[Any, Tensor, int, str, tuple[int, int] | None]] = []
         self.local_acts: dict[tuple[int, int], tuple] = {}
         self.local_grads: dict[tuple[int, int], list] = {}
+        self.out_groups: dict[tuple, list[tuple[str, list]]] = {}  # group -> parts sent so far
+        self.in_groups: dict[tuple, int] = {}  # group -> receives reached so far
+        self.group_parts: dict[tuple, list] = {}  # received part tensors by message key
         self.losses: dict[int, Tensor] = {}
         self.outputs: dict[int, tuple] = {}
         self.events: list[Event] = []
@@ -129,12 +135,50 @@ class Engine:
     # ---------------------------------------------------------------------------------------------------
     # messages
 
+    def _grouped_recv(self, key: tuple) -> bool:
+        """A receive that is part of a coalesced group: post one receive at the group's last part."""
+        g = self.groups.get(key)
+        if g is None:
+            return False
+        seen = self.in_groups.get(g.first, 0) + 1
+        self.in_groups[g.first] = seen
+        if seen == len(g.keys):
+            _, stage, mb = g.first
+            self.recvs[("G", *g.first)] = PendingRecv(
+                self.p2p, g.src, KIND_G, stage, mb, self.device, self.meta_cache
+            )
+        return True
+
+    def _group_part(self, key: tuple) -> tuple[list, list]:
+        """(metas, tensors) of one part of a coalesced message (waits for the message once)."""
+        g = self.groups[key]
+        if key not in self.group_parts:
+            fields, metas, data = self.recvs.pop(("G", *g.first)).wait()
+            n = len(self.io.fields)
+            self._check_fields(fields[:n], key)
+            counts, off = fields[n:], 0
+            for k, c in zip(g.keys, counts):
+                self.group_parts[k] = (metas[off : off + c], data[off : off + c])
+                off += c
+        return self.group_parts.pop(key)
+
+    def _check_fields(self, fields: Sequence[int], key: tuple) -> None:
+        if tuple(fields) != self.io.fields:
+            raise PeerError(
+                f"pipeline rank {self.rank}: message {key} came from a peer at (num_chunks, step) "
+                f"= {tuple(fields)} but this rank is at {self.io.fields}: ranks called step() differently"
+            )
+
     def _do_RECV_F(self, a: Action) -> None:
+        if self._grouped_recv(("F", a.stage, a.mb)):
+            return
         self.recvs[("F", a.stage, a.mb)] = PendingRecv(
             self.p2p, a.peer, KIND_F, a.stage, a.mb, self.device, self.meta_cache
         )
 
     def _do_RECV_B(self, a: Action) -> None:
+        if self._grouped_recv(("B", a.stage, a.mb)):
+            return
         ch = self.chunks[(a.stage, a.mb)]
         metas = [Meta(shape, dtype, False) for shape, dtype, rg in ch.out_meta if rg]
         tag = make_tag(KIND_B, a.stage, a.mb, 1)
@@ -143,9 +187,16 @@ class Engine:
     def _do_SEND_F(self, a: Action) -> None:
         ch = self.chunks[(a.stage, a.mb)]
         nxt = self.s.next_stage(a.stage)
-        sent = send_boundary(self.p2p, ch.outs, self.io.fields, a.peer, KIND_F, nxt, a.mb, self.meta_cache)
-        for work, t in sent:
-            self.sends.append((work, t, a.peer, f"sending the activation of stage {a.stage} mb {a.mb}", None))
+        if ("F", nxt, a.mb) in self.groups:
+            self._send_part(("F", nxt, a.mb), list(ch.outs), a.peer)
+        else:
+            sent = send_boundary(
+                self.p2p, ch.outs, self.io.fields, a.peer, KIND_F, nxt, a.mb, self.meta_cache
+            )
+            for work, t in sent:
+                self.sends.append(
+                    (work, t, a.peer, f"sending the activation of stage {a.stage} mb {a.mb}", None)
+                )
         if torch.is_grad_enabled():
             # keep only the autograd edges: the output tensors are freed once the sends complete
             ch.outs = [get_gradient_edge(o) if o.requires_grad else None for o in ch.outs]
@@ -157,10 +208,27 @@ class Engine:
         prv = self.s.prev_stage(a.stage)
         grads = [g for g in ch.in_grads or [] if g is not None]
         what = f"sending the input gradient of stage {a.stage} mb {a.mb}"
-        for work, t in send_tensors(self.p2p, grads, a.peer, make_tag(KIND_B, prv, a.mb, 1)):
-            self.sends.append((work, t, a.peer, what, None))
+        if ("B", prv, a.mb) in self.groups:
+            self._send_part(("B", prv, a.mb), grads, a.peer)
+        else:
+            for work, t in send_tensors(self.p2p, grads, a.peer, make_tag(KIND_B, prv, a.mb, 1)):
+                self.sends.append((work, t, a.peer, what, None))
         ch.in_grads = None
         self._maybe_drop(a.stage, a.mb)
+
+    def _send_part(self, key: tuple, tensors: list, peer: int) -> None:
+        """Queue one part of a coalesced group; the group's last part sends them all as one message."""
+        g = self.groups[key]
+        parts = self.out_groups.setdefault(g.first, [])
+        parts.append(tensors)
+        if key != g.last:
+            return
+        del self.out_groups[g.first]
+        flat = [t for p in parts for t in p]
+        fields = (*self.io.fields, *(len(p) for p in parts))
+        _, stage, mb = g.first
+        for work, t in send_boundary(self.p2p, flat, fields, peer, KIND_G, stage, mb, self.meta_cache):
+            self.sends.append((work, t, peer, f"sending messages {list(g.keys)}", None))
 
     def _reap(self) -> None:
         if self.sends:
@@ -189,12 +257,11 @@ class Engine:
             outs = self.local_acts.pop((prv, mb))
             leaves = tuple(_leaf(o, grad and o.requires_grad) for o in outs)
             return leaves, [bool(grad and o.requires_grad) for o in outs]
-        fields, metas, data = self.recvs.pop(("F", stage, mb)).wait()
-        if tuple(fields) != self.io.fields:
-            raise PeerError(
-                f"pipeline rank {self.rank}: stage {stage} mb {mb} came from a peer at (num_chunks, step) "
-                f"= {tuple(fields)} but this rank is at {self.io.fields}: ranks called step() differently"
-            )
+        if ("F", stage, mb) in self.groups:
+            metas, data = self._group_part(("F", stage, mb))
+        else:
+            fields, metas, data = self.recvs.pop(("F", stage, mb)).wait()
+            self._check_fields(fields, ("F", stage, mb))
         leaves = tuple(t.requires_grad_(grad and m.requires_grad) for t, m in zip(data, metas))
         return leaves, [bool(grad and m.requires_grad) for m in metas]
 
@@ -206,6 +273,8 @@ class Engine:
         diff = [o for o, m in zip(ch.outs, ch.out_meta) if m[2]]
         if self.s.stage_rank[nxt] == self.rank:
             grads = self.local_grads.pop((nxt, mb))
+        elif ("B", stage, mb) in self.groups:
+            grads = self._group_part(("B", stage, mb))[1]
         else:
             grads = self.recvs.pop(("B", stage, mb)).wait(
                 f"receiving the output gradient for stage {stage} mb {mb}"

@@ -26,7 +26,7 @@ def _num_stages(kind: str, pp: int) -> int:
     return 2 * pp if kind == "dualpipev" else pp
 
 
-def _build(kind, pp, rank, split, stage_kind="plain", tie=False, group=None, dp_group=None):
+def _build(kind, pp, rank, split, stage_kind="plain", tie=False, group=None, dp_group=None, coalesce=True):
     S = _num_stages(kind, pp)
     last = S - 1
 
@@ -41,7 +41,13 @@ def _build(kind, pp, rank, split, stage_kind="plain", tie=False, group=None, dp_
         mods = mk(rank)
     tied = [((0, "side.weight"), (last, "side.weight"))] if tie else ()
     return CLASSES[kind](
-        mods, process_group=group, dp_group=dp_group, weight_split=split, tied=tied, timeout_s=60
+        mods,
+        process_group=group,
+        dp_group=dp_group,
+        weight_split=split,
+        tied=tied,
+        timeout_s=60,
+        coalesce=coalesce,
     )
 
 
@@ -114,6 +120,8 @@ def _rank_two(rank, world):
     spans = sorted({m.group(1) for e in prof.events() if (m := re.match(r"dualpipe\.([A-Z]+)", e.name))})
     train_timeline = list(a.timeline)
     n_compute = len(a.schedule(4).compute_actions(rank))
+    # the same pipeline without coalesced messages
+    rc = _train(_build("dualpipev", world, rank, "generic", coalesce=False), 5)
     # the boundary shapes change between steps (17 rows instead of 13): the peers notice from the header
     x, z, ids, y = batch(17, 8)
     for p in a.parameters():
@@ -135,6 +143,7 @@ def _rank_two(rank, world):
         fo=(loss_fo, out_fo, no_grads),
         timeline=a.timeline,
         n17=ra3,
+        uncoalesced=rc,
         trace=(spans, train_timeline, n_compute),
     )
 
@@ -158,6 +167,7 @@ def test_pp2_all_schedules_splits_ties_overlap_two_pipelines_forward_only(tmp_pa
     _check([[t[0]] for t in two], ("dualpipe", "linear", "plain", False, 4), 0)
     _check([[t[1]] for t in two], ("zb1p", "linear", "plain", False, 4), 0)
     _check([[t[2]] for t in two], ("dualpipe", "linear", "plain", False, 4), 0)
+    _check([[rr["uncoalesced"]] for rr in res], ("dualpipev", "generic", "plain", False, 5), 0)
     l17, g17 = reference_full(2, 4, n=17, seed=8)
     for rr in res:
         if rr["n17"]["loss"] is not None:

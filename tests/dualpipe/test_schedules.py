@@ -188,3 +188,20 @@ def test_chrome_trace_and_png(tmp_path):
     assert {e["tid"] for e in spans if e["cat"] in ("F", "FB")} == {0, 1, 2, 3}
     png = r.plot(tmp_path / "t.png", measured=r.timeline)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_coalesced_message_groups():
+    from dualpipe.coalesce import _consumer_positions, message_groups
+    from dualpipe.validate import message_key
+
+    s = build_dualpipev(2, 8)
+    groups = set(message_groups(s).values())
+    assert len(groups) == 11  # F&B pairs: activation + gradient to the same neighbour
+    for g in groups:
+        assert {k[0] for k in g.keys} == {"F", "B"} and g.src != g.dst
+        recv = {
+            message_key(a, s): i for i, a in enumerate(s.actions[g.dst]) if a.op in (Op.RECV_F, Op.RECV_B)
+        }
+        need = _consumer_positions(s, g.dst)
+        assert max(recv[k] for k in g.keys) < min(need[k] for k in g.keys)  # one receive, posted in time
+    assert message_groups(build_1f1b(4, 8)) == {}

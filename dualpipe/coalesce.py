@@ -1,0 +1,85 @@
+"""Coalesced P2P: messages a rank sends back to back to the same peer travel as one.
+
+DualPipe's overlapped pairs produce them naturally: after F&B(F of stage r, B of stage 2pp-1-r) on
+DualPipeV rank r, the activation for stage r+1 and the gradient for stage 2pp-2-r both go to rank r+1.
+One message instead of two halves the per-message cost (a gloo call, a wake-up, an NCCL launch).
+
+Both sides derive the groups from the schedule (every rank has every rank's action list), so no
+negotiation is needed. A group is a run of consecutive SEND actions to one peer; it is used only if the
+receiver can post a single receive for all of it before it needs any part: the latest of the group's
+RECV positions must come before the first compute action that consumes a part. Otherwise the messages
+stay separate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dualpipe.schedules import Op, Schedule
+from dualpipe.validate import message_key
+
+MessageKey = tuple[str, int, int]  # ('F'|'B', consumer stage, micro-batch)
+
+
+@dataclass(frozen=True)
+class Group:
+    """Messages from ``src`` to ``dst`` sent as one, in this order."""
+
+    keys: tuple[MessageKey, ...]
+    src: int
+    dst: int
+
+    @property
+    def first(self) -> MessageKey:
+        return self.keys[0]
+
+    @property
+    def last(self) -> MessageKey:
+        return self.keys[-1]
+
+
+def _consumer_positions(schedule: Schedule, rank: int) -> dict[MessageKey, int]:
+    """Index, in ``rank``'s list, of the compute action that needs each incoming message."""
+    out: dict[MessageKey, int] = {}
+    for i, a in enumerate(schedule.actions[rank]):
+        if a.op in (Op.F, Op.FB):
+            out.setdefault(("F", a.stage, a.mb), i)
+        if a.op in (Op.B, Op.BW):
+            out.setdefault(("B", a.stage, a.mb), i)
+        if a.op is Op.FB:
+            out.setdefault(("B", a.stage2, a.mb2), i)
+    return out
+
+
+def message_groups(schedule: Schedule) -> dict[MessageKey, Group]:
+    """Every message key that travels in a multi-message group -> its group."""
+    s = schedule
+    recv_pos = {
+        r: {message_key(a, s): i for i, a in enumerate(acts) if a.op in (Op.RECV_F, Op.RECV_B)}
+        for r, acts in enumerate(s.actions)
+    }
+    consumers = {r: _consumer_positions(s, r) for r in range(s.num_ranks)}
+    groups: dict[MessageKey, Group] = {}
+    for rank, acts in enumerate(s.actions):
+        i = 0
+        while i < len(acts):
+            a = acts[i]
+            if a.op not in (Op.SEND_F, Op.SEND_B):
+                i += 1
+                continue
+            j = i
+            while (
+                j + 1 < len(acts) and acts[j + 1].op in (Op.SEND_F, Op.SEND_B) and acts[j + 1].peer == a.peer
+            ):
+                j += 1
+            keys = tuple(message_key(x, s) for x in acts[i : j + 1])
+            i = j + 1
+            if len(keys) < 2:
+                continue
+            post = max(recv_pos[a.peer][k] for k in keys)
+            need = min(consumers[a.peer][k] for k in keys)
+            if post < need:
+                g = Group(keys, rank, a.peer)
+                for k in keys:
+                    groups[k] = g
+    return groups
