@@ -21,8 +21,9 @@ Sections (one table each, all figures in the JSON):
             as on a GPU where compute and communication use different units); "real" compute runs GEMMs
             on the same CPU cores that gloo copies with. Goal: hidden >= 80%.
 
-CPU note: the workers set glibc's mmap/trim thresholds so that freed buffers are reused rather than returned
-to the OS (else each fresh buffer page-faults); this applies to every implementation alike.
+CPU notes: the JSON records the machine's load average (on a shared 2-core machine the figures, the
+overlap most, move with it); the workers set glibc's mmap/trim thresholds so that freed buffers are reused
+rather than returned to the OS (else each fresh buffer page-faults), for every implementation alike.
 
 Every timing: per iteration a barrier, then the op on all ranks; the iteration's time is the slowest
 rank's; the median over ``--iters`` iterations is reported (after warm-up). Inputs are random, never zeros.
@@ -406,6 +407,7 @@ def main() -> None:
     cfg = {k: getattr(args, k) for k in keys}
     cfg["dtype"] = getattr(torch, args.dtype)
     sections = args.sections.split(",")
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     cfg["cuda"] = under_torchrun and torch.cuda.is_available()
     if under_torchrun:
@@ -440,6 +442,9 @@ def main() -> None:
             ]
         if r["section"] == "overlap":
             summary[f"hidden_fraction_{r['compute']}"] = r["hidden_fraction"]
+    # Shared CPU machines: timings (the overlap most) depend on what else runs; keep the load with them.
+    summary["load_average_1min_start"] = load_start
+    summary["load_average_1min_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print("\nsummary:", {k: round(v, 3) for k, v in summary.items()})
     if args.out is None and not cfg["cuda"]:
         print("(CPU run: pass --out PATH to write the JSON; bench/results/ is for GPU results)")
