@@ -171,6 +171,11 @@ def _blocks_along_last(q: torch.Tensor) -> torch.Tensor:
 
 def gemm_nt_fp32(a: FP8Tensor, b: FP8Tensor) -> torch.Tensor:
     """Reference of ``a @ b.T`` (a 1x128, b 128x128, both 2-D) as an FP32 (M, N) tensor."""
+    with torch.autocast(a.device.type, enabled=False):  # FP32 partials even under autocast
+        return _gemm_nt_fp32(a, b)
+
+
+def _gemm_nt_fp32(a: FP8Tensor, b: FP8Tensor) -> torch.Tensor:
     m, n = a.shape[0], b.shape[0]
     kb = a.scale.shape[1]
     acc = torch.empty(m, n, dtype=torch.float32, device=a.device)
@@ -191,6 +196,11 @@ def gemm_nt_fp32(a: FP8Tensor, b: FP8Tensor) -> torch.Tensor:
 
 def wgrad_fp32(dy: FP8Tensor, x: FP8Tensor) -> torch.Tensor:
     """Reference of ``dy.T @ x`` (both (128, 1)-blocked, 2-D) as an FP32 (N, K) tensor."""
+    with torch.autocast(dy.device.type, enabled=False):  # FP32 partials even under autocast
+        return _wgrad_fp32(dy, x)
+
+
+def _wgrad_fp32(dy: FP8Tensor, x: FP8Tensor) -> torch.Tensor:
     n, k = dy.shape[1], x.shape[1]
     mb = dy.scale.shape[0]
     acc = torch.empty(n, k, dtype=torch.float32, device=dy.device)

@@ -217,3 +217,17 @@ def test_gpu_backends_match_the_reference(name, m, n, k):
     got = fp8.gemm(aq, bq, out_dtype=torch.float32, backend=name)
     assert fp8.calc_diff(got, ref) < 1e-6
     assert fp8.calc_diff(got, a @ b.T) < FP8_GEMM_BOUND
+
+
+def test_reference_keeps_fp32_partials_under_autocast():
+    """A caller's bf16 autocast must not turn the reference's FP32 partial products into bf16 ones."""
+    g = torch.Generator().manual_seed(11)
+    a, b = torch.randn(64, 300, generator=g), torch.randn(96, 300, generator=g)
+    dy, x = torch.randn(200, 96, generator=g), torch.randn(200, 64, generator=g)
+    plain = fp8.gemm(a, b, out_dtype=torch.float32, backend="reference")
+    plain_w = fp8.gemm_wgrad(dy, x, backend="reference")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = fp8.gemm(a, b, out_dtype=torch.float32, backend="reference")
+        auto_w = fp8.gemm_wgrad(dy, x, backend="reference")
+    assert torch.equal(plain, auto)
+    assert torch.equal(plain_w, auto_w)
