@@ -9,7 +9,8 @@ Two stage kinds:
   emulated  F, B, W sleep fixed times (B - W on the input path, W on a weight-only path, so every
             weight-split method sees the same split), so 8 ranks on 2 cores measure the schedule and
             the runtime, not core contention. Busy time is known exactly: measured bubble = step - busy.
-  real      small MLP stages (Linear-GELU-Linear blocks, FP32, one thread per rank).
+  real      small MLP stages (Linear-GELU-Linear blocks, FP32, one thread per rank); ours with the
+            default weight split ("generic") and with the opt-in Linear fast path (":linear" rows).
 The model is the same for every schedule: ``2 * pp`` model halves; 1F1B, ZB1P and DualPipe put two
 halves in each of ``pp`` stages, DualPipeV (ours and torch's) runs the ``2 * pp`` halves as a V.
 
@@ -119,14 +120,15 @@ def _loss(out, y):
 # runners (one process per pipeline rank)
 
 
-def _ours(cfg: dict, name: str, rank: int, pp: int):
+def _ours(cfg: dict, impl: str, rank: int, pp: int):
+    name, _, split = impl.partition(":")  # "dualpipev:linear" -> weight_split="linear"
     if name == "dualpipe":
         mods = (_stage(cfg, rank, pp), _stage(cfg, pp - 1 - rank, pp))
     elif name == "dualpipev":
         mods = (_stage(cfg, rank, 2 * pp), _stage(cfg, 2 * pp - 1 - rank, 2 * pp))
     else:
         mods = _stage(cfg, rank, pp)
-    pipe = OURS[name](mods, weight_split=cfg["weight_split"], timeout_s=120)
+    pipe = OURS[name](mods, weight_split=split or cfg["weight_split"], timeout_s=120)
     x, y = cfg["x"], cfg["y"]
     is_first = rank == 0 or (name == "dualpipe" and rank == pp - 1)
 
@@ -243,6 +245,8 @@ def run(kind: str, args: argparse.Namespace) -> list[dict]:
         cfg["x"] = torch.randn(chunks * args.rows, args.d)
         cfg["y"] = torch.randn(chunks * args.rows, args.d)
     impls = ["dualpipe", "dualpipev", "1f1b", "zb1p", "torch-dualpipev", "torch-1f1b"]
+    if kind == "real" and cfg["weight_split"] != "linear":  # also the opt-in Linear fast path
+        impls[4:4] = ["dualpipev:linear", "zb1p:linear"]
     cfg["impls"] = impls
     per_rank = run_ranks(_rank, pp, args=(cfg,), timeout=1800, pg_timeout=600)
     bound = _compute_bound(cfg) if kind == "real" else None
@@ -252,7 +256,7 @@ def run(kind: str, args: argparse.Namespace) -> list[dict]:
         med = statistics.median(times)
         row: dict[str, Any] = dict(kind=kind, impl=name, pp=pp, chunks=chunks, step_ms=med * 1e3)
         row["step_min_ms"] = min(times) * 1e3
-        sched_name = name.replace("torch-", "")
+        sched_name = name.replace("torch-", "").partition(":")[0]
         if kind == "emulated":
             c = Costs(f=cfg["f"], b=cfg["b"], w=cfg["w"])
             if sched_name == "dualpipev":  # 2pp stages of half the cost

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import math
 import os
+import queue
+import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -108,25 +108,59 @@ def make_tag(kind: int, stage: int, mb: int, part: int) -> int:
     return ((kind * 256 + stage) * 16384 + mb) * 64 + part
 
 
-class _Posted:
-    """A P2P operation issued by the communication thread: a future of the ``Work``."""
+class _Slot:
+    """One P2P call handed to the issuer thread: the resulting ``Work`` (or error) once issued."""
 
-    def __init__(self, fut: Future):
-        self.fut = fut
+    __slots__ = ("work", "error", "ready")
+
+    def __init__(self) -> None:
+        self.work: dist.Work | None = None
+        self.error: BaseException | None = None
+        self.ready = threading.Lock()
+        self.ready.acquire()
 
     def is_completed(self) -> bool:
-        return self.fut.done() and (self.fut.exception() is not None or self.fut.result().is_completed())
+        return self.error is not None or (self.work is not None and self.work.is_completed())
 
     def wait(self, timeout: timedelta) -> bool:
         t0 = time.monotonic()
-        try:
-            work = self.fut.result(timeout=timeout.total_seconds())
-        except FutureTimeout:
-            raise TimeoutError(
-                f"the P2P call was not even issued within {timeout.total_seconds():.1f}s"
-            ) from None
+        if not self.ready.acquire(timeout=timeout.total_seconds()):
+            raise TimeoutError(f"the P2P call was not even issued within {timeout.total_seconds():.1f}s")
+        self.ready.release()  # stays "ready" for any later wait
+        if self.error is not None:
+            raise self.error
         left = timeout.total_seconds() - (time.monotonic() - t0)
-        return work.wait(timeout=timedelta(seconds=max(left, 0.001)))
+        return self.work.wait(timeout=timedelta(seconds=max(left, 0.001)))  # type: ignore[union-attr]
+
+
+class _Issuer:
+    """A daemon thread that issues P2P calls in order (the C++ call releases the GIL)."""
+
+    def __init__(self, name: str):
+        self.q: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            fn, args, slot = item
+            try:
+                slot.work = fn(*args)
+            except BaseException as e:  # noqa: BLE001 - handed to the waiter
+                slot.error = e
+            finally:
+                slot.ready.release()
+
+    def submit(self, fn, *args) -> _Slot:
+        slot = _Slot()
+        self.q.put((fn, args, slot))
+        return slot
+
+    def close(self) -> None:
+        self.q.put(None)
 
 
 def _use_thread(group: dist.ProcessGroup) -> bool:
@@ -144,38 +178,37 @@ class P2P:
     The calls are therefore issued by communication threads (one for sends, one for receive posts,
     each in order) per pipeline, and the compute thread never blocks on them
     (``FRUGAL_PP_COMM_THREAD=0|1`` overrides; NCCL calls are asynchronous already and stay inline).
+    They call the process group's ``send``/``recv`` directly (group ranks; the GIL is released inside).
     """
 
     def __init__(self, group: dist.ProcessGroup | None, timeout_s: float):
-        self.group = group if group is not None else dist.group.WORLD
+        self.group = group if group is not None else dist.distributed_c10d._get_default_group()
         self.rank = dist.get_rank(self.group)
         self.size = dist.get_world_size(self.group)
         self.timeout_s = float(timeout_s)
         self._global = [dist.get_global_rank(self.group, r) for r in range(self.size)]
         threaded = _use_thread(self.group)
         # sends and receive posts on separate threads: an urgent send never queues behind a post
-        self._send_pool = ThreadPoolExecutor(1, thread_name_prefix="dualpipe-send") if threaded else None
-        self._recv_pool = ThreadPoolExecutor(1, thread_name_prefix="dualpipe-recv") if threaded else None
+        self._sender = _Issuer("dualpipe-send") if threaded else None
+        self._poster = _Issuer("dualpipe-recv") if threaded else None
 
     def who(self, r: int) -> str:
         return f"pipeline rank {r} (global rank {self._global[r]})"
 
     def isend(self, t: Tensor, peer: int, tag: int):
-        dst = self._global[peer]
-        if self._send_pool is None:
-            return dist.isend(t, dst=dst, group=self.group, tag=tag)
-        return _Posted(self._send_pool.submit(dist.isend, t, dst, self.group, tag))
+        if self._sender is None:
+            return self.group.send([t], peer, tag)
+        return self._sender.submit(self.group.send, [t], peer, tag)
 
     def irecv(self, t: Tensor, peer: int, tag: int):
-        src = self._global[peer]
-        if self._recv_pool is None:
-            return dist.irecv(t, src=src, group=self.group, tag=tag)
-        return _Posted(self._recv_pool.submit(dist.irecv, t, src, self.group, tag))
+        if self._poster is None:
+            return self.group.recv([t], peer, tag)
+        return self._poster.submit(self.group.recv, [t], peer, tag)
 
     def close(self) -> None:
-        for pool in (self._send_pool, self._recv_pool):
-            if pool is not None:
-                pool.shutdown(wait=False)
+        for issuer in (self._sender, self._poster):
+            if issuer is not None:
+                issuer.close()
 
     def wait(self, work, peer: int, what: str, deadline: float | None = None) -> None:
         """Wait for ``work`` at most until ``deadline`` (default: now + timeout); on failure raise
@@ -292,8 +325,9 @@ class PendingRecv:
         self.cache[self.key] = self.metas
 
     def poll(self) -> None:
-        """Post the data receive if the header already arrived alone (non-blocking)."""
-        if self.metas is None and self.w0.is_completed():
+        """Post the data receive if the header already arrived alone (non-blocking). Only when this
+        channel has no known shapes: otherwise the data normally travels with the header."""
+        if self.metas is None and self.expected is None and self.w0.is_completed():
             self._header()
 
     def wait(self) -> tuple[list[int], list[Meta], list[Tensor]]:
