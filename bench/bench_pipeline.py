@@ -233,7 +233,8 @@ def _calibrated(timelines: list[list], latency: float) -> list[Costs]:
 def run(kind: str, args: argparse.Namespace) -> list[dict]:
     pp = args.pp if kind == "emulated" else args.pp_real
     chunks = args.chunks if kind == "emulated" else args.chunks_real
-    cfg: dict[str, Any] = dict(kind=kind, pp=pp, chunks=chunks, warmup=args.warmup, iters=args.iters)
+    iters = args.iters if kind == "emulated" else args.iters_real
+    cfg: dict[str, Any] = dict(kind=kind, pp=pp, chunks=chunks, warmup=args.warmup, iters=iters)
     if kind == "emulated":
         cfg.update(f=args.f_ms / 1e3, b=args.b_ms / 1e3, w=args.w_ms / 1e3, weight_split="generic")
         cfg["x"] = torch.randn(
@@ -328,7 +329,8 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=1, help="MLP blocks per model half (real stages)")
     ap.add_argument("--weight-split", default="generic", choices=["generic", "linear", "none"])
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=5, help="timed rounds, emulated stages (~2.5 s a step)")
+    ap.add_argument("--iters-real", type=int, default=30, help="timed rounds, real stages (noisy host)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/, for GPU results)")
     args = ap.parse_args()
     rows: list[dict] = []
