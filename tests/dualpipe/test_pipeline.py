@@ -12,7 +12,7 @@ import re
 import torch
 import torch.distributed as dist
 
-from dualpipe.pipeline import DualPipe, DualPipeV, Pipeline1F1B, PipelineZB1P
+from dualpipe.pipeline import DualPipe, DualPipeV, Pipeline1F1B, PipelineZB1P, gather_timeline
 from dualpipe.schedules import build_dualpipe
 from dualpipe.simulate import Costs, simulate
 from tests.distributed import run_ranks
@@ -119,6 +119,7 @@ def _rank_two(rank, world):
         ra2 = _train(a, 4)
     spans = sorted({m.group(1) for e in prof.events() if (m := re.match(r"dualpipe\.([A-Z]+)", e.name))})
     train_timeline = list(a.timeline)
+    gathered = gather_timeline(a)  # every rank's events on pipeline rank 0
     n_compute = len(a.schedule(4).compute_actions(rank))
     # the same pipeline without coalesced messages
     rc = _train(_build("dualpipev", world, rank, "generic", coalesce=False), 5)
@@ -145,6 +146,7 @@ def _rank_two(rank, world):
         n17=ra3,
         uncoalesced=rc,
         trace=(spans, train_timeline, n_compute),
+        gathered=gathered,
     )
 
 
@@ -158,6 +160,7 @@ def test_pp2_all_schedules_splits_ties_overlap_two_pipelines_forward_only(tmp_pa
         assert {"F", "B", "W", "FB"} <= set(spans) and len(timeline) == n_compute
         assert all(0 <= e.start <= e.end for e in timeline)
         timelines += timeline
+    assert res[1]["gathered"] is None and sorted(res[0]["gathered"], key=str) == sorted(timelines, key=str)
     sim = simulate(build_dualpipe(2, 4), Costs(1e-3, 2e-3, 1e-3))
     assert sim.plot(tmp_path / "step.png", measured=timelines).stat().st_size > 0
     cases = [r["cases"] for r in res]
