@@ -64,11 +64,11 @@ def expand_payload(layout, fmt, recv: torch.Tensor, payload: str, hidden: int, d
         return out.view(dtype).view(*out.shape[:-1], hidden)
     from fp8 import FP8Tensor
 
-    off = _scale_offset(hidden)
+    off, n_tiles = _scale_offset(hidden), (hidden + _TILE - 1) // _TILE
     data = layout.expand(rows[:, :hidden]).view(torch.float8_e4m3fn)
-    scale = layout.expand(rows[:, off:]).view(torch.float32)
-    lead = data.shape[:-1]
-    return FP8Tensor(data.reshape(*lead, hidden), scale.reshape(*lead, -1), (1, _TILE))
+    scale = layout.expand(rows[:, off : off + 4 * n_tiles]).view(torch.float32)
+    lead = data.shape[:-1]  # explicit sizes: a rank may receive no token at all
+    return FP8Tensor(data.reshape(*lead, hidden), scale.reshape(*lead, n_tiles), (1, _TILE))
 
 
 def _layout_shape(handle: DispatchHandle) -> tuple[int, ...]:

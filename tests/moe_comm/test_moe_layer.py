@@ -228,6 +228,12 @@ def _fp8_rank(rank: int, world_size: int) -> dict:
     assert torch.equal(xs[0].grad, xs[1].grad) and xs[0].grad.abs().sum() > 0
     for a, b in zip(*grads):
         assert_close(a.float(), b.float(), 1e-6, 1e-6, "FP8 layer pieces grads")
+    # A rank that receives no token at all (every token routed to rank 0's experts): an FP8 payload of 0 rows.
+    idx0 = torch.stack([torch.randperm(E // world_size)[:K] for _ in range(x.shape[0])])
+    res0 = disp.dispatch(x.bfloat16(), idx0, w, payload="fp8")
+    assert (res0.x.data.shape[0] == 0) == (rank != 0) and res0.x.scale.shape[-1] == 2
+    out0 = disp.combine(ex_fp8(res0), res0.handle)
+    assert out0.shape == x.shape and bool(torch.isfinite(out0).all())
     return {
         "payload": diff,
         "experts": fp8.calc_diff(out_q.float(), out_n.float()),
