@@ -45,6 +45,7 @@ import torch.distributed as dist
 from moe_comm.comm import Chain, Comm, ThreadRun
 from moe_comm.expert_layout import ContiguousLayout, MaskedLayout
 from moe_comm.layout import Topology, check_topk_idx
+from moe_comm.row_ops import sum_pairs_fp32, weights_grad
 from moe_comm.stages import DynamicStage, RowFormat, StaticStage
 
 __all__ = ["Dispatcher", "DispatchHandle", "DispatchResult", "Work", "sum_pairs_fp32"]
@@ -296,6 +297,7 @@ class Dispatcher:
             grad_y = layout.scatter_pairs(rows, y_dtype)
             if saved is not None and saved[0] == "reduced":  # the pairs are at the experts: dot there, return
                 dots = layout.pair_dots(rows, saved[1])
+                dots = torch.cat([dots, dots.new_zeros(1, 1)])  # padded like every pairs buffer
                 buf, index = yield from self._pairs_to_source(dots, handle, "combine backward (weights)")
                 grad_w = torch.where(
                     handle.topk_idx >= 0, buf[:, 0].index_select(0, index.flatten()).view(index.shape), 0.0
@@ -437,65 +439,8 @@ class Dispatcher:
         return stages, layout, expand_payload(layout, fmt, recv, payload, x.shape[1], x.dtype)
 
     def _pairs_to_source(self, pairs: torch.Tensor, handle: DispatchHandle, what: str):
-        """Generator: per-pair rows at the experts -> at the source, (rows + a zero row, (T, K) index)."""
+        """Generator: per-pair rows at the experts, followed by a zero row -> at the source, (rows + a zero
+        row, (T, K) index)."""
         for s in reversed(range(1, len(handle.stages))):
             pairs = yield handle.stages[s].reverse_pairs(pairs, f"{what} hop {s}")
         return (yield handle.stages[0].reverse_pairs_indexed(pairs, f"{what} hop 0"))
-
-
-def sum_pairs_fp32(
-    rows: torch.Tensor,
-    index: torch.Tensor,
-    weights: torch.Tensor | None,
-    dtype: torch.dtype,
-    unused: int | None = None,
-) -> torch.Tensor:
-    """(T, H): sum over k ascending, in FP32 from 0, of weights[:, k] * rows[index[:, k]] (weights None: 1).
-
-    rows (N, H) any float dtype; index (T, K) int64 rows of each slot; slots whose index equals ``unused``
-    (default N - 1: callers append a zero row) add nothing. The product of a row and its FP32 weight is
-    formed in FP32 (the row's value converts exactly), then added: the same two roundings as
-    ``acc = acc + w * y.float()`` per k, so a plain reference reproduces it bit for bit (skipping a zero
-    term is exact too: a sum that starts at +0 is never -0, and x + 0 == x).
-    """
-    unused = rows.shape[0] - 1 if unused is None else unused
-    if rows.is_cuda:
-        from moe_comm.cuda_ops import use_kernels
-
-        if use_kernels(rows):  # one fused pass (csrc/moe_comm/permute_rows.cu), same roundings
-            idx = torch.where(index == unused, -1, index)
-            return torch.ops.frugal_moe.weighted_sum_rows(rows, idx, weights, dtype)
-    T, K = index.shape
-    acc = torch.zeros(T, *rows.shape[1:], dtype=torch.float32, device=rows.device)
-    picked = term = None
-    for k in range(K):
-        col = index[:, k]
-        live = (col != unused).nonzero().squeeze(1)
-        n = live.numel()
-        if n == 0:
-            continue
-        if n == T or (
-            unused >= 0 and 2 * n >= T
-        ):  # mostly live: one gather (the zero row adds +0) into reused buffers
-            if picked is None:
-                picked, term = rows.new_empty((T, *rows.shape[1:])), torch.empty_like(acc)
-            torch.index_select(rows, 0, col, out=picked)
-            term.copy_(picked)  # convert first: mixed-dtype elementwise ops take a slow path on CPU
-            if weights is not None:
-                term.mul_(weights[:, k : k + 1])
-            acc.add_(term)
-        else:  # mostly unused: gather the live rows only; unique rows, one rounded add per element
-            part = rows.index_select(0, col.index_select(0, live)).float()
-            if weights is not None:
-                part.mul_(weights[:, k].index_select(0, live)[:, None])
-            acc.index_add_(0, live, part)
-    return acc.to(dtype)
-
-
-def weights_grad(
-    grad_out: torch.Tensor, rows: torch.Tensor, index: torch.Tensor, topk_idx: torch.Tensor
-) -> torch.Tensor:
-    """d topk_weights (T, K) fp32 = <grad_out[t], rows[index[t, k]]> in FP32; 0 at unused slots."""
-    g = grad_out.float()
-    cols = [(g * rows.index_select(0, index[:, k]).float()).sum(-1) for k in range(index.shape[1])]
-    return torch.where(topk_idx >= 0, torch.stack(cols, dim=1), 0.0)

@@ -17,17 +17,10 @@ from __future__ import annotations
 
 import torch
 
+from moe_comm.row_ops import gather_rows
+from moe_comm.stages import padded_rows
+
 __all__ = ["ContiguousLayout", "MaskedLayout"]
-
-
-def _gather(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """rows[index]; on CUDA with the extension, a 16-byte-vector row copy (the rows are packed bytes)."""
-    if rows.is_cuda:
-        from moe_comm.cuda_ops import use_kernels
-
-        if use_kernels(rows):
-            return torch.ops.frugal_moe.gather_rows(rows, index)
-    return rows.index_select(0, index)
 
 
 def _group_positions(key: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -96,7 +89,7 @@ class ContiguousLayout:
 
     def expand(self, rows_with_zero_row: torch.Tensor) -> torch.Tensor:
         """(R + 1, ...) received rows (last row zero) -> (num_rows, ...) grouped by expert."""
-        return _gather(rows_with_zero_row, self.src_of_out)
+        return gather_rows(rows_with_zero_row, self.src_of_out)
 
     def check_y(self, y: torch.Tensor) -> None:
         if y.dim() != 2 or y.shape[0] != self.num_rows:
@@ -105,14 +98,17 @@ class ContiguousLayout:
             )
 
     def gather_pairs(self, y: torch.Tensor) -> torch.Tensor:
-        """(num_rows, H) expert outputs -> (P, H) one row per pair, in received (row, k) order."""
+        """(num_rows, H) expert outputs -> (P + 1, H): one row per pair, in received (row, k) order, then a
+        zero row (the padding the combine's hops keep, see stages.padded_rows)."""
         self.check_y(y)
-        return y.index_select(0, self.pos)
+        out = padded_rows(y, self.num_pairs)
+        gather_rows(y, self.pos, out=out[:-1])
+        return out
 
     def row_partials(self, y: torch.Tensor) -> torch.Tensor:
         """Reduced combine: (R, H) in y's dtype, row i = sum over its pairs, k ascending, in FP32 from 0, of
         weight * y[pair] (rounded to y's dtype once, at the end)."""
-        from moe_comm.dispatcher import sum_pairs_fp32
+        from moe_comm.row_ops import sum_pairs_fp32
 
         self.check_y(y)
         R, K = self.valid.shape
@@ -122,12 +118,12 @@ class ContiguousLayout:
 
     def pair_dots(self, rows: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """(P, 1) FP32: <rows[pair_row], y[pair]> for each pair (d weight of the reduced combine)."""
-        g = rows.index_select(0, self.pair_row).float()
-        return (g * y.index_select(0, self.pos).float()).sum(-1, keepdim=True)
+        g = gather_rows(rows, self.pair_row).float()
+        return (g * gather_rows(y, self.pos).float()).sum(-1, keepdim=True)
 
     def scatter_pairs(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Received plain rows (R, H) -> (num_rows, H) = weight of each pair * its row, in ``dtype``."""
-        pairs = (rows.index_select(0, self.pair_row).float() * self.pair_weights[:, None]).to(dtype)
+        pairs = (gather_rows(rows, self.pair_row).float() * self.pair_weights[:, None]).to(dtype)
         out = pairs.new_zeros((self.num_rows, *rows.shape[1:]))
         return out.index_copy_(0, self.pos, pairs)
 
@@ -167,7 +163,7 @@ class MaskedLayout:
         self.num_rows = dump
 
     def expand(self, rows_with_zero_row: torch.Tensor) -> torch.Tensor:
-        out = _gather(rows_with_zero_row, self.src_of_out)
+        out = gather_rows(rows_with_zero_row, self.src_of_out)
         return out.view(self.num_local, self.capacity, *out.shape[1:])
 
     def check_y(self, y: torch.Tensor) -> None:
@@ -178,11 +174,14 @@ class MaskedLayout:
             )
 
     def gather_pairs(self, y: torch.Tensor) -> torch.Tensor:
+        """(E_local, capacity, H) -> (R * pairs_per_row + 1, H): the pair slots, then a zero row."""
         self.check_y(y)
-        return y.reshape(self.num_rows, *y.shape[2:]).index_select(0, self.slot_src)
+        out = padded_rows(y.reshape(self.num_rows, *y.shape[2:]), self.slot_src.numel())
+        gather_rows(y.reshape(self.num_rows, *y.shape[2:]), self.slot_src, out=out[:-1])
+        return out
 
     def scatter_pairs(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        pairs = (rows.index_select(0, self.pair_row).float() * self.pair_weights[:, None]).to(dtype)
+        pairs = (gather_rows(rows, self.pair_row).float() * self.pair_weights[:, None]).to(dtype)
         out = pairs.new_zeros((self.num_rows + 1, *rows.shape[1:]))
         out.index_copy_(0, self.pos, pairs)
         return out[:-1].view(self.num_local, self.capacity, *rows.shape[1:])

@@ -30,8 +30,9 @@ import torch
 
 from moe_comm.comm import Comm, Pending
 from moe_comm.layout import _membership
+from moe_comm.row_ops import gather_rows
 
-__all__ = ["RowFormat", "DynamicStage", "StaticStage"]
+__all__ = ["RowFormat", "DynamicStage", "StaticStage", "padded_rows"]
 
 
 def _align(n: int, a: int) -> int:
@@ -78,6 +79,13 @@ class RowFormat:
         buf = torch.empty(rows + 1, self.row_bytes, dtype=torch.uint8, device=device)
         buf[rows].zero_()
         return buf
+
+
+def padded_rows(like: torch.Tensor, n: int) -> torch.Tensor:
+    """(n + 1, *like.shape[1:]) of like's dtype and device; the last row zero (what unused slots gather)."""
+    buf = like.new_empty((n + 1, *like.shape[1:]))
+    buf[n].zero_()
+    return buf
 
 
 def _rank_within(mask: torch.Tensor) -> torch.Tensor:
@@ -129,7 +137,7 @@ class DynamicStage:
         """Packed send buffer (S + 1, row_bytes); payload (n, payload_bytes) uint8, meta/weights (n, K)."""
         S = self.send_rows.numel()
         buf = fmt.new_buffer(S, payload.device)
-        torch.index_select(payload, 0, self.send_rows, out=fmt.payload(buf[:S]))
+        gather_rows(payload, self.send_rows, out=fmt.payload(buf[:S]))
         mine = self.target.index_select(0, self.send_rows) == self.send_peer[:, None]
         fmt.meta(buf[:S]).copy_(torch.where(mine, meta.index_select(0, self.send_rows), -1))
         fmt.weights(buf[:S]).copy_(torch.where(mine, weights.index_select(0, self.send_rows), 0.0))
@@ -158,15 +166,16 @@ class DynamicStage:
 
     def forward_rows(self, rows: torch.Tensor, what: str) -> Pending:
         """Send plain rows (n, ...) along the dispatch plan (no metadata); result (R, ...)."""
-        send = rows.index_select(0, self.send_rows)
+        send = gather_rows(rows, self.send_rows)
         return self.comm.all_to_all(send, self.send_splits, self.recv_splits, what)
 
     # combine direction -----------------------------------------------------------------------------
     def reverse_pairs(self, pairs: torch.Tensor, what: str) -> Pending:
-        """Pairs in this hop's receiver order -> (after wait) pairs in the sender's (row, k) order."""
-        return self.comm.all_to_all(pairs, self.rev_send_splits, self.rev_recv_splits, what).map(
-            lambda got: got.index_select(0, self.pair_inv)
-        )
+        """Pairs in this hop's receiver order, padded (a zero row after them) -> (after wait) the pairs in
+        the sender's (row, k) order, padded the same way."""
+        out = padded_rows(pairs, self.num_pairs)
+        pending = self.comm.all_to_all(pairs[:-1], self.rev_send_splits, self.rev_recv_splits, what)
+        return pending.map(lambda got: gather_rows(got, self.pair_inv, out=out[:-1])).then(out)
 
     def reverse_rows(self, rows: torch.Tensor, what: str) -> Pending:
         """Reduced combine: one row per received row back to its sender -> (buffer + zero row, (n, Kp)
@@ -178,10 +187,15 @@ class DynamicStage:
         return pending.map(lambda _: (full, self.row_slots))
 
     def reverse_pairs_indexed(self, pairs: torch.Tensor, what: str) -> Pending:
-        """Like reverse_pairs, for the source: (received rows + a zero row, (n, K) index into them)."""
-        full = pairs.new_empty((self.num_pairs + 1, *pairs.shape[1:]))
-        full[-1].zero_()
-        pending = self.comm.all_to_all(pairs, self.rev_send_splits, self.rev_recv_splits, what, out=full[:-1])
+        """Like reverse_pairs, for the source: (received rows + a zero row, (n, K) index into them).
+
+        Local (one rank): the padded pairs are already in the source's order, nothing is copied."""
+        if self.comm.is_local:
+            return Pending(self.comm, None, (pairs, self.pair_index), what)
+        full = padded_rows(pairs, self.num_pairs)
+        pending = self.comm.all_to_all(
+            pairs[:-1], self.rev_send_splits, self.rev_recv_splits, what, out=full[:-1]
+        )
         return pending.map(lambda _: (full, self.pair_index))
 
 
@@ -224,7 +238,7 @@ class StaticStage:
     ) -> torch.Tensor:
         S = self.src_of_slot.numel()
         buf = fmt.new_buffer(S, payload.device)
-        torch.index_select(payload, 0, self.src_of_slot, out=fmt.payload(buf[:S]))
+        gather_rows(payload, self.src_of_slot, out=fmt.payload(buf[:S]))
         mine = self.target.index_select(0, self.src_of_slot) == self.peer_of_slot[:, None]
         mine &= self.filled[:, None]
         fmt.meta(buf[:S]).copy_(torch.where(mine, meta.index_select(0, self.src_of_slot), -1))
@@ -243,11 +257,15 @@ class StaticStage:
         return fmt.meta(recv[:R]).long(), fmt.weights(recv[:R]), fmt.origin(recv[:R]).long()
 
     def forward_rows(self, rows: torch.Tensor, what: str) -> Pending:
-        return self.comm.all_to_all(rows.index_select(0, self.src_of_slot), None, None, what)
+        return self.comm.all_to_all(gather_rows(rows, self.src_of_slot), None, None, what)
 
     def reverse_pairs_indexed(self, pairs: torch.Tensor, what: str) -> Pending:
-        """Pair slots (W*cap*kl, ...) at the receiver -> (received slots + a zero row, (n, K) index)."""
-        full = pairs.new_empty((pairs.shape[0] + 1, *pairs.shape[1:]))
+        """Padded pair slots (W*cap*kl + 1, ...) at the receiver -> (received slots + a zero row, (n, K)
+        index)."""
+        index = self.pair_src.view(self.n, self.topk)
+        if self.comm.is_local:
+            return Pending(self.comm, None, (pairs, index), what)
+        full = torch.empty_like(pairs)
         full[-1].zero_()
-        pending = self.comm.all_to_all(pairs, None, None, what, out=full[:-1])
-        return pending.map(lambda _: (full, self.pair_src.view(self.n, self.topk)))
+        pending = self.comm.all_to_all(pairs[:-1], None, None, what, out=full[:-1])
+        return pending.map(lambda _: (full, index))
