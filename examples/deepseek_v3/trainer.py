@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -355,12 +356,13 @@ def train(spec: RunSpec, progress: bool = True) -> dict[str, Any]:
             window_steps += 1
         elif sampled or step == trace_last or step + 1 == t.steps:
             prof.stop()
-            path = out / (
-                f"trace_rank{tr.rank}.json" if step in trace_steps else f".window_rank{tr.rank}.json"
-            )
+            kept = step in trace_steps  # a sampled window's trace is read back and deleted
+            path = out / f"trace_rank{tr.rank}.json" if kept else Path(tempfile.mkstemp(suffix=".json")[1])
             prof.export_chrome_trace(str(path))
             prof = None
             sample = measured_window(path, tr.distributed)
+            if not kept:
+                path.unlink()
             if tr.pipeline is not None:  # the schedule's own bubble at the measured action times
                 png = out / "timeline.png" if step == trace_last and tr.shard == 0 else None
                 sb = torch.tensor(schedule_bubble(tr.pipeline, lay.num_chunks, png), dtype=torch.float64)
