@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from moe_comm.comm import Chain, Comm, ThreadRun
 from moe_comm.expert_layout import ContiguousLayout, MaskedLayout
@@ -117,10 +118,15 @@ class DispatchResult:
 
 class Work:
     """An asynchronous dispatcher operation, launched: ``wait()`` returns its result (bounded by the
-    timeout); ``is_done()`` tells, without blocking, whether the transfer in flight has landed."""
+    timeout); ``is_done()`` tells, without blocking, whether the transfer in flight has landed.
 
-    def __init__(self, chain: Chain | ThreadRun, finish: Callable[[Any], Any] | None = None) -> None:
-        self._chain, self._finish = chain, finish
+    ``name``: the operation ("dispatch", "combine", "dispatch.backward", "combine.backward"); the first
+    ``wait()`` runs inside a profiler span ``<name>.wait``."""
+
+    def __init__(
+        self, chain: Chain | ThreadRun, finish: Callable[[Any], Any] | None = None, name: str = "moe_comm"
+    ) -> None:
+        self._chain, self._finish, self.name = chain, finish, name
         self._result, self._finished = None, False
 
     def is_done(self) -> bool:
@@ -128,8 +134,9 @@ class Work:
 
     def wait(self) -> Any:
         if not self._finished:
-            value = self._chain.wait()
-            self._result = self._finish(value) if self._finish is not None else value
+            with record_function(f"{self.name}.wait"):
+                value = self._chain.wait()
+                self._result = self._finish(value) if self._finish is not None else value
             self._finished = True
         return self._result
 
@@ -273,7 +280,8 @@ class Dispatcher:
             src = yield from self._pairs_to_source(pairs, handle, "dispatch backward")
             return sum_pairs_fp32(*src, None, handle.x_dtype)
 
-        return Work(self.comm.start(steps(), "dispatch backward"))
+        with record_function("dispatch.backward"):
+            return Work(self.comm.start(steps(), "dispatch backward"), name="dispatch.backward")
 
     def launch_combine_backward(
         self, grad_out: torch.Tensor, handle: DispatchHandle, y_dtype: torch.dtype
@@ -304,25 +312,32 @@ class Dispatcher:
                 )
             return grad_y, grad_w
 
-        return Work(self.comm.start(steps(), "combine backward"))
+        with record_function("combine.backward"):
+            return Work(self.comm.start(steps(), "combine backward"), name="combine.backward")
 
     # --------------------------------------------------------------------------- internals
     def _launch_dispatch(self, x, topk_idx, topk_weights, payload, finish, async_op):
-        self._check_inputs(x, topk_idx, topk_weights, payload)
-        idx = topk_idx.long()
-        w = torch.where(idx >= 0, topk_weights.detach().float(), 0.0)
-        sig = self._signature(x, idx, payload)
-        chain = self.comm.start(self._dispatch_steps(x.detach(), idx, w, payload, sig), "dispatch")
+        with record_function("dispatch"):
+            self._check_inputs(x, topk_idx, topk_weights, payload)
+            idx = topk_idx.long()
+            w = torch.where(idx >= 0, topk_weights.detach().float(), 0.0)
+            sig = self._signature(x, idx, payload)
+            chain = self.comm.start(self._dispatch_steps(x.detach(), idx, w, payload, sig), "dispatch")
 
         def done(parts) -> DispatchResult:
             stages, layout, expanded = parts
             handle = DispatchHandle(self, stages, layout, idx, topk_weights, x.dtype, x.shape[1], payload)
             return finish(x, handle, expanded)
 
-        work = Work(chain, done)
+        work = Work(chain, done, "dispatch")
         return work if async_op else work.wait()
 
     def _launch_combine(self, y, handle: DispatchHandle, finish, async_op):
+        with record_function("combine"):
+            work = Work(self._start_combine(y, handle), finish, "combine")
+        return work if async_op else work.wait()
+
+    def _start_combine(self, y, handle: DispatchHandle) -> Chain | ThreadRun:
         if handle.dispatcher is not self:
             raise ValueError("the handle comes from another Dispatcher")
         if not y.is_floating_point():
@@ -343,8 +358,7 @@ class Dispatcher:
                 partial = sum_pairs_fp32(buf, slots, None, yd.dtype if s > 0 else handle.x_dtype)
             return ("reduced", yd), partial
 
-        work = Work(self.comm.start(steps(), "combine"), finish)
-        return work if async_op else work.wait()
+        return self.comm.start(steps(), "combine")
 
     def _check_inputs(self, x, topk_idx, topk_weights, payload) -> None:
         if payload not in _PAYLOADS:

@@ -21,7 +21,7 @@ dualpipe's overlap hook (one micro-batch's forward against another's backward, s
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from typing import Any
 
 import torch
@@ -104,9 +104,13 @@ class MoELayer(nn.Module):
             out = out + shared
         return out.view(shape)
 
-    def forward_pieces(self, x: torch.Tensor):
+    def forward_pieces(self, x: torch.Tensor, *, carry: Sequence[torch.Tensor] | None = None):
         """The forward for dualpipe's overlap hook: pieces separated by the dispatch and combine points
-        (moe_comm/pipeline_pieces.py)."""
+        (moe_comm/pipeline_pieces.py). Returns the output (..., H); with ``carry`` (tensors the caller
+        keeps across the layer, e.g. the residual), ``(output, carry as it comes out of the last point)``:
+
+            out, (h, *extra) = yield from moe.forward_pieces(norm(h), carry=(h, *extra))
+        """
         from moe_comm.pipeline_pieces import moe_forward_pieces
 
-        return moe_forward_pieces(self, x)
+        return moe_forward_pieces(self, x, carry)

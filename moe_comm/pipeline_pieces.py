@@ -14,6 +14,10 @@ The MoE layer has three pieces and two points:
     combine   (y, topk_weights) -> out      adjoint: dispatch of d out weighted at the experts, and d weights
     piece 2   out + shared
 
+``carry``: tensors the caller keeps across the layer (a residual, embeddings for a later module) are
+appended to both points' ``carry`` so that the graph is cut cleanly there too; they come back with the
+output: ``out, carried = yield from layer.forward_pieces(x, carry=(h, ...))``.
+
 The launchers are the Dispatcher's raw (graph-free) ones; the routing weights travel through the combine
 point as a sent tensor (carried past the dispatch point), so their gradient reaches the router. FP8
 payloads: the dispatch point returns the grad proxy (a float tensor) and the experts read the FP8Tensor
@@ -80,17 +84,21 @@ class _State:
         return _Received(work, lambda gs: (gs[0], None if gs[1] is None else gs[1].to(w_dtype)))
 
 
-def moe_forward_pieces(layer, x: torch.Tensor):
-    """The generator behind ``MoELayer.forward_pieces`` (see the module docstring)."""
+def moe_forward_pieces(layer, x: torch.Tensor, carry: Sequence[torch.Tensor] | None = None):
+    """The generator behind ``MoELayer.forward_pieces`` (see the module docstring).
+
+    ``carry``: the caller's tensors threaded through both points (returned with the output)."""
     from dualpipe.overlap import CommPoint
 
+    extra = () if carry is None else tuple(carry)
+    n = len(extra)
     shape = x.shape
     tokens = x.reshape(-1, shape[-1])
     topk_idx, topk_weights = layer.router(x)
     st = _State(layer, topk_idx, topk_weights)
     shared = layer.shared_experts(tokens) if layer.shared_experts is not None else tokens.new_zeros(())
-    xe, topk_weights, shared = yield CommPoint(
-        st.dispatch, st.dispatch_backward, (tokens,), carry=(topk_weights, shared), name="dispatch"
+    xe, topk_weights, shared, *extra = yield CommPoint(
+        st.dispatch, st.dispatch_backward, (tokens,), carry=(topk_weights, shared, *extra), name="dispatch"
     )
     res = st.result
     res = (
@@ -99,7 +107,9 @@ def moe_forward_pieces(layer, x: torch.Tensor):
         else dataclasses.replace(res, x=xe)
     )
     y = layer.experts(res)
-    out, shared = yield CommPoint(
-        st.combine, st.combine_backward, (y, topk_weights), carry=(shared,), name="combine"
+    out, shared, *extra = yield CommPoint(
+        st.combine, st.combine_backward, (y, topk_weights), carry=(shared, *extra), name="combine"
     )
-    return (out + shared).view(shape)
+    out = (out + shared).view(shape)
+    assert len(extra) == n, f"{len(extra)=} carried tensors came back, expected {n}"
+    return out if carry is None else (out, tuple(extra))

@@ -25,7 +25,6 @@ Without MTP the boundary is ``(h,)``.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Generator
 from typing import Any
 
@@ -35,27 +34,10 @@ from torch import nn
 
 from examples.deepseek_v3.config import ModelConfig
 from examples.deepseek_v3.moe import build_moe
+from moe_comm import MoELayer
 
 INIT_STD = 0.02
 Pieces = Generator[Any, Any, Any]  # a forward_pieces generator (dualpipe.overlap)
-
-
-def thread_carry(gen: Pieces, extra: tuple[torch.Tensor, ...]) -> Pieces:
-    """Run a ``forward_pieces`` generator, adding ``extra`` to every CommPoint's ``carry``.
-
-    Tensors the caller keeps across the inner module's communication points (a residual, the MTP's
-    embeddings) then pass each point as carried leaves instead of reaching back into an earlier piece's
-    graph. Returns ``(inner result, extra as it comes out of the last point)``.
-    """
-    n, send = len(extra), None
-    while True:
-        try:
-            point = gen.send(send)
-        except StopIteration as stop:
-            return stop.value, extra
-        received = yield dataclasses.replace(point, carry=tuple(point.carry) + tuple(extra))
-        received = tuple(received)
-        send, extra = received[: len(received) - n], received[len(received) - n :]
 
 
 class RMSNorm(nn.Module):
@@ -170,14 +152,13 @@ class Block(nn.Module):
     def forward_pieces(self, h: torch.Tensor, *extra: torch.Tensor) -> Pieces:
         """The same forward for dualpipe's overlap hook: the MoE's dispatch and combine are the points.
 
-        ``extra`` tensors (and the residual) are threaded through every point's ``carry`` so that the
-        graph is cut cleanly there; returns ``(h, *extra)``.
+        ``extra`` tensors (and the residual) ride through every point as the MoE layer's ``carry`` so that
+        the graph is cut cleanly there; returns ``(h, *extra)``.
         """
         h = h + self.attn(self.attn_norm(h))
-        inner = getattr(self.ffn, "forward_pieces", None)
-        if inner is None:
+        if not isinstance(self.ffn, MoELayer):
             return (h + self.ffn(self.ffn_norm(h)), *extra)
-        out, (h, *extra) = yield from thread_carry(inner(self.ffn_norm(h)), (h, *extra))
+        out, (h, *extra) = yield from self.ffn.forward_pieces(self.ffn_norm(h), carry=(h, *extra))
         return (h + out, *extra)
 
 

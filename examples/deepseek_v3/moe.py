@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.profiler import record_function
 
 from examples.deepseek_v3.config import ModelConfig
 from moe_comm import DeepSeekV3Router, Dispatcher, GroupedExperts, MoELayer
@@ -41,59 +40,7 @@ def build_moe(cfg: ModelConfig) -> MoELayer:
     experts = GroupedExperts(cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim)
     experts.expert_offset = 0
     shared = MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts else None
-    layer = MoELayer(router, experts, None, shared_experts=shared)
-    layer.dispatcher = TracedDispatcher(layer.dispatcher)
-    return layer
-
-
-class TracedDispatcher:
-    """A Dispatcher whose launches and waits carry profiler spans: ``dispatch`` / ``combine`` (forward),
-    ``dispatch.backward`` / ``combine.backward`` (their adjoints under dualpipe's overlap hook), and
-    ``<name>.wait``, so traces and the overlap report can name them. Everything else is the wrapped
-    dispatcher's (handles are checked against it, not against this proxy).
-    """
-
-    def __init__(self, inner: Dispatcher):
-        self._inner = inner
-
-    def __getattr__(self, name: str):
-        return getattr(self._inner, name)
-
-    def _traced(self, what: str, fn, args, kwargs, returns_work: bool):
-        with record_function(what):
-            out = fn(*args, **kwargs)
-        return _TracedWork(out, what) if returns_work else out
-
-    def dispatch(self, *args, **kwargs):
-        return self._traced("dispatch", self._inner.dispatch, args, kwargs, kwargs.get("async_op", False))
-
-    def combine(self, *args, **kwargs):
-        return self._traced("combine", self._inner.combine, args, kwargs, kwargs.get("async_op", False))
-
-    # the raw launchers behind MoELayer.forward_pieces (dualpipe's overlap hook) and their adjoints
-    def launch_dispatch(self, *args, **kwargs):
-        return self._traced("dispatch", self._inner.launch_dispatch, args, kwargs, True)
-
-    def launch_combine(self, *args, **kwargs):
-        return self._traced("combine", self._inner.launch_combine, args, kwargs, True)
-
-    def launch_dispatch_backward(self, *args, **kwargs):
-        return self._traced("dispatch.backward", self._inner.launch_dispatch_backward, args, kwargs, True)
-
-    def launch_combine_backward(self, *args, **kwargs):
-        return self._traced("combine.backward", self._inner.launch_combine_backward, args, kwargs, True)
-
-
-class _TracedWork:
-    def __init__(self, work, what: str):
-        self._work, self._what = work, what
-
-    def __getattr__(self, name: str):
-        return getattr(self._work, name)
-
-    def wait(self):
-        with record_function(f"{self._what}.wait"):
-            return self._work.wait()
+    return MoELayer(router, experts, None, shared_experts=shared)
 
 
 def moe_layers(module: nn.Module) -> list[MoELayer]:
@@ -132,4 +79,4 @@ def shard_experts(
         layer.experts = local
         layer.payload = "fp8" if backend == "fp8" else "native"  # FP8 experts read the FP8 dispatch payload
         if group is not None and ep > 1:
-            layer.dispatcher = TracedDispatcher(Dispatcher(group, e, timeout=timeout))
+            layer.dispatcher = Dispatcher(group, e, timeout=timeout)
