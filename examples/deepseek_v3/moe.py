@@ -15,6 +15,9 @@ id of the first local expert) names them in checkpoints, so checkpoints do not d
 
 from __future__ import annotations
 
+import itertools
+import socket
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -56,13 +59,23 @@ def shard_experts(
     *,
     backend: str = "native",
     timeout: float = 300.0,
+    ranks_per_node: int | None = None,
 ) -> None:
     """In place: every MoE layer of ``module`` keeps routed experts [ep_rank * E / ep, (ep_rank + 1) * E / ep)
     (copied from its full set) and dispatches over ``group`` (the expert-parallel group, ``ep`` ranks).
 
     ``backend="fp8"`` dispatches tokens as FP8 (1x128 scales, as DeepSeek-V3 does) and runs the routed
     experts' GEMMs through fp8.grouped_gemm_contiguous on that payload; the combine stays high precision.
+
+    Nodes: ``ranks_per_node`` consecutive EP ranks share a node (default: found from the host names). When
+    the group spans several nodes the dispatcher is hierarchical with ``combine="reduced"`` -- a token
+    crosses the inter-node link once per node both ways, DeepEP's traffic, which is what the plan prices
+    (moe_comm/cost.py); inside one node it keeps the bitwise-exact ``combine="pairs"``.
     """
+    rpn = ep
+    if group is not None and ep > 1:
+        rpn = ranks_per_node if ranks_per_node is not None else ep_ranks_per_node(group)
+    multi_node = rpn < ep
     for layer in moe_layers(module):
         full = layer.experts
         e = full.w1.shape[0]
@@ -79,4 +92,17 @@ def shard_experts(
         layer.experts = local
         layer.payload = "fp8" if backend == "fp8" else "native"  # FP8 experts read the FP8 dispatch payload
         if group is not None and ep > 1:
-            layer.dispatcher = Dispatcher(group, e, timeout=timeout)
+            layer.dispatcher = Dispatcher(
+                group, e, ranks_per_node=rpn, combine="reduced" if multi_node else "pairs", timeout=timeout
+            )
+
+
+def ep_ranks_per_node(group: dist.ProcessGroup) -> int:
+    """Ranks per node of ``group`` from its members' host names (one all_gather): the size of the blocks of
+    consecutive ranks on one host when they are equal, else the group size (treated as one node)."""
+    hosts: list[str | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(hosts, socket.gethostname(), group=group)
+    blocks = [len(list(run)) for _, run in itertools.groupby(hosts)]
+    if len(set(blocks)) == 1 and len(blocks) == len(set(hosts)):
+        return blocks[0]
+    return len(hosts)
