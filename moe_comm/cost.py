@@ -28,9 +28,9 @@ one per node). In backward, dispatch's gradient is a combine and combine's gradi
 Which Dispatcher this prices. The combine priced here is ``Dispatcher(combine="reduced")`` (DeepEP's
 traffic: one row per token and GPU, or per token and node when hierarchical). The Dispatcher's default,
 ``combine="pairs"``, returns one row per (token, expert) pair so that the source sums in a fixed order
-(bitwise equal to a plain all-to-all reference): ``topk`` copies per token instead of ``ranks`` (flat) or
-``nodes`` (hierarchical) -- with DeepSeek-V3's routing 8 instead of 7.4 GPUs inside a node (1.08x), and 8
-instead of 3.63 nodes across IB (2.2x) for the combine and for the dispatch's gradient. The training app
+(bitwise equal to a plain all-to-all reference): ``topk`` copies per token instead of one per GPU (flat)
+or per node (hierarchical) -- with DeepSeek-V3's routing 8 instead of 7.4 (1.08x) flat, and 8 instead of
+3.63 across IB (2.2x) hierarchical, for the combine and for the dispatch's gradient (also a combine). The training app
 (examples/deepseek_v3/moe.py, ``shard_experts``) therefore uses ``combine="reduced"`` with the hierarchical
 transfer whenever its EP group spans several nodes, and ``"pairs"`` inside one node.
 
