@@ -30,9 +30,9 @@ traffic: one row per token and GPU, or per token and node when hierarchical). Th
 ``combine="pairs"``, returns one row per (token, expert) pair so that the source sums in a fixed order
 (bitwise equal to a plain all-to-all reference): ``topk`` copies per token instead of one per GPU (flat)
 or per node (hierarchical) -- with DeepSeek-V3's routing 8 instead of 7.4 (1.08x) flat, and 8 instead of
-3.63 across IB (2.2x) hierarchical, for the combine and for the dispatch's gradient (also a combine). The training app
-(examples/deepseek_v3/moe.py, ``shard_experts``) therefore uses ``combine="reduced"`` with the hierarchical
-transfer whenever its EP group spans several nodes, and ``"pairs"`` inside one node.
+3.63 across IB (2.2x) hierarchical, for the combine and for the dispatch's gradient (also a combine). The
+training app (examples/deepseek_v3/moe.py, ``shard_experts``) therefore uses ``combine="reduced"`` with the
+hierarchical transfer whenever its EP group spans several nodes, and ``"pairs"`` inside one node.
 
 Bandwidths are *achieved* per GPU and per direction. The plan passes nominal x the communication kernels'
 efficiency (examples/deepseek_v3/plan_rates.py); on H800: NVLink 160 GB/s (DeepSeek-V3 report, section
