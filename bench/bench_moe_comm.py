@@ -11,6 +11,11 @@ Sections (one table each, all figures in the JSON):
             count exchange), and a Megatron-style dispatcher written here (counts exchanged, host sync,
             argsort permutation of one row per (token, expert) pair, chunk sort by local expert, reverse).
             Goal: ours <= 1.15x the plain all-to-all.
+  payload   the same ratio (ours, host-sync counts, vs the plain all-to-all) per hidden size
+            (``--sweep-hidden``): fixed costs (the count exchange, index plans, Python and thread hand-offs)
+            dominate small rows, the memory passes (pack, expand, gather pairs, FP32 sum) large ones.
+            DeepSeek-like rows: ``--sections payload --tokens 4096 --experts 64 --topk 8 --sweep-hidden 7168``
+            (about 2 GB per rank).
   nodes     ``--world`` ranks declared as 2 nodes: bytes that cross nodes, flat vs hierarchical, for
             DeepSeek-V3-style node-limited routing (each token reaches at most ``--node-limit`` nodes).
   overlap   two micro-batches through a chunk of ``--layers`` blocks (attention stand-in, then MoELayer), one
@@ -21,9 +26,13 @@ Sections (one table each, all figures in the JSON):
             as on a GPU where compute and communication use different units); "real" compute runs GEMMs
             on the same CPU cores that gloo copies with. Goal: hidden >= 80%.
 
-CPU notes: the JSON records the machine's load average (on a shared 2-core machine the figures, the
-overlap most, move with it); the workers set glibc's mmap/trim thresholds so that freed buffers are reused
-rather than returned to the OS (else each fresh buffer page-faults), for every implementation alike.
+CPU notes: every timing also records ``cores_busy``, the CPU seconds of all ranks (every thread: the
+model's, moe_comm's communication thread, gloo's) over the wall time. On a shared CPU the transport, the
+permutation passes and the "compute" run on the same cores, so overlap can only hide communication in the
+cores that the sequential run leaves idle. The JSON records the machine's load average (on a shared
+2-core machine the figures, the overlap most, move with it); the workers set glibc's mmap/trim
+thresholds so that freed buffers are reused rather than returned to the OS (else each fresh buffer
+page-faults), for every implementation alike.
 
 Every timing: per iteration a barrier, then the op on all ranks; the iteration's time is the slowest
 rank's; the median over ``--iters`` iterations is reported (after warm-up). Inputs are random, never zeros.
@@ -32,7 +41,9 @@ rank's; the median over ``--iters`` iterations is reported (after warm-up). Inpu
 from __future__ import annotations
 
 import argparse
+import gc
 import os
+import resource
 import statistics
 import sys
 import time
@@ -50,25 +61,44 @@ from moe_comm.overlap import interleave  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------- timing
-def timed(fn, iters: int, warmup: int = 3, device: torch.device | None = None) -> float:
-    """Median over iterations of the slowest rank's time, in microseconds."""
+def _cpu_seconds() -> float:
+    """CPU time of this process, all threads (the model's, moe_comm's communication thread, gloo's)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def timed_busy(fn, iters: int, warmup: int = 3, device: torch.device | None = None) -> tuple[float, float]:
+    """(median over iterations of the slowest rank's time in microseconds, CPU cores busy).
+
+    Cores busy = the CPU seconds of all ranks' processes during the timed iterations over their wall time:
+    on a CPU host, how much of the machine the operation keeps busy (overlap can only fill idle cores)."""
     for _ in range(warmup):
         fn()
-    samples = []
+    samples, cpu, wall = [], 0.0, 0.0
     for _ in range(iters):
         dist.barrier()
         if device is not None and device.type == "cuda":
             torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
+        c0, t0 = _cpu_seconds(), time.perf_counter()
         fn()
         if device is not None and device.type == "cuda":
             torch.cuda.synchronize(device)
         samples.append(time.perf_counter() - t0)
+        cpu += _cpu_seconds() - c0
+        wall += samples[-1]
     t = torch.tensor(samples, dtype=torch.float64)
+    busy = torch.tensor([cpu], dtype=torch.float64)
     if device is not None and device.type == "cuda":
-        t = t.to(device)
+        t, busy = t.to(device), busy.to(device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return statistics.median(t.cpu().tolist()) * 1e6
+    dist.all_reduce(busy)
+    wall_max = float(t.sum())  # the slowest rank's iterations, back to back
+    return statistics.median(t.cpu().tolist()) * 1e6, float(busy) / wall_max
+
+
+def timed(fn, iters: int, warmup: int = 3, device: torch.device | None = None) -> float:
+    """Median over iterations of the slowest rank's time, in microseconds."""
+    return timed_busy(fn, iters, warmup, device)[0]
 
 
 def routing(T: int, E: int, K: int, seed: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,26 +188,65 @@ def section_comm(cfg: dict, device) -> list[dict]:
     splits = (st.send_splits, st.recv_splits, st.rev_send_splits, st.rev_recv_splits)
     plain = plain_all_to_all(*splits, H, H, dtype, device)
     mega = megatron_style(x, idx, w, E)
-    t_ours = timed(run_ours(ours), iters, device=device)
-    t_cap = timed(run_ours(ours_cap), iters, device=device)
-    t_red = timed(run_ours(ours_red), iters, device=device)
-    t_plain = timed(plain, iters, device=device)
-    t_mega = timed(mega, iters, device=device)
+    t_ours, busy_ours = timed_busy(run_ours(ours), iters, device=device)
+    t_cap, busy_cap = timed_busy(run_ours(ours_cap), iters, device=device)
+    t_red, busy_red = timed_busy(run_ours(ours_red), iters, device=device)
+    t_plain, busy_plain = timed_busy(plain, iters, device=device)
+    t_mega, busy_mega = timed_busy(mega, iters, device=device)
     counts = torch.tensor([sum(st.send_splits), st.num_pairs], dtype=torch.float64, device=device)
     dist.all_reduce(counts)
-    rows = [
-        {"impl": "plain all_to_all_single (same bytes)", "us": t_plain, "vs_plain": 1.0},
-        {"impl": "ours (host-sync counts)", "us": t_ours, "vs_plain": t_ours / t_plain},
-        {"impl": "ours (capacity, no host sync)", "us": t_cap, "vs_plain": t_cap / t_plain},
-        {"impl": "ours (combine='reduced')", "us": t_red, "vs_plain": t_red / t_plain},
-        {"impl": "megatron-style (argsort, per-pair rows)", "us": t_mega, "vs_plain": t_mega / t_plain},
+    measured = [
+        ("plain all_to_all_single (same bytes)", t_plain, busy_plain),
+        ("ours (host-sync counts)", t_ours, busy_ours),
+        ("ours (capacity, no host sync)", t_cap, busy_cap),
+        ("ours (combine='reduced')", t_red, busy_red),
+        ("megatron-style (argsort, per-pair rows)", t_mega, busy_mega),
     ]
+    rows = [{"impl": n, "us": t, "vs_plain": t / t_plain, "cores_busy": b} for n, t, b in measured]
     for r in rows:
         r.update(section="comm", world=W, tokens=T, hidden=H, experts=E, topk=K, dtype=str(dtype))
         r["ours_vs_this"] = t_ours / r["us"]
     rows[0]["dispatch_rows_total"] = int(counts[0])
     rows[0]["pairs_total"] = int(counts[1])
     rows[0]["dispatch_bytes_per_rank"] = sum(st.send_splits) * H * elt
+    return rows
+
+
+def section_payload(cfg: dict, device) -> list[dict]:
+    """Ours (host-sync counts, pairs combine) vs the plain all-to-all of the same bytes, per hidden size.
+
+    What does not scale with the bytes -- the count exchange (one more collective), the index plans
+    (sorts and scans of T x K ids), Python and thread hand-offs -- dominates small rows; the memory passes
+    (pack, expand to the expert layout, gather the pairs, FP32 weighted sum) scale with them."""
+    W, rank = dist.get_world_size(), dist.get_rank()
+    T, E, K, dtype = cfg["tokens"], cfg["experts"], cfg["topk"], cfg["dtype"]
+    iters = cfg["sweep_iters"]
+    idx, w = routing(T, E, K, seed=rank, device=device)
+    disp = Dispatcher(dist.group.WORLD, E, timeout=600)
+    rows = []
+    for H in cfg["sweep_hidden"]:
+        x = torch.randn(T, H, device=device).to(dtype)
+        st = disp.dispatch(x, idx, w).handle.stages[0]
+        splits = (st.send_splits, st.recv_splits, st.rev_send_splits, st.rev_recv_splits)
+        t_plain, busy_plain = timed_busy(plain_all_to_all(*splits, H, H, dtype, device), iters, 1, device)
+        gc.collect()  # the plain baseline's buffers go before ours allocate (DeepSeek-sized rows: GBs)
+
+        def run(x=x):
+            res = disp.dispatch(x, idx, w)
+            return disp.combine(res.x, res.handle)
+
+        t_ours, busy_ours = timed_busy(run, iters, 1, device)
+        elt = x.element_size()
+        sent = (sum(st.send_splits) + st.num_pairs) * H * elt  # dispatch rows + combine pairs, this rank
+        mb = torch.tensor([sent / 1e6], dtype=torch.float64, device=device)
+        dist.all_reduce(mb, op=dist.ReduceOp.MAX)
+        rows.append({"section": "payload", "world": W, "tokens": T, "hidden": H, "experts": E, "topk": K,
+                     "dtype": str(dtype), "mb_per_rank_max": float(mb), "plain_us": t_plain,
+                     "ours_us": t_ours, "ours_vs_plain": t_ours / t_plain,
+                     "ours_minus_plain_us": t_ours - t_plain, "cores_busy_plain": busy_plain,
+                     "cores_busy_ours": busy_ours})  # fmt: skip
+        del x, st, run
+        gc.collect()
     return rows
 
 
@@ -296,8 +365,8 @@ def section_overlap(cfg: dict, device) -> list[dict]:
     from moe_comm.layer import run_steps
 
     W, rank = dist.get_world_size(), dist.get_rank()
-    T, H, E, K, dtype, iters = (cfg[k] for k in ("tokens", "hidden", "experts", "topk", "dtype", "iters"))
-    L, ms = cfg["layers"], cfg["emulated_ms"] * 1e-3
+    T, H, E, K, dtype = (cfg[k] for k in ("tokens", "hidden", "experts", "topk", "dtype"))
+    L, ms, iters = cfg["layers"], cfg["emulated_ms"] * 1e-3, cfg["overlap_iters"]
     torch.manual_seed(200 + rank)
     disp = Dispatcher(dist.group.WORLD, E, timeout=120)
     routers = [DeepSeekV3Router(H, E, K).to(device) for _ in range(L)]
@@ -326,29 +395,36 @@ def section_overlap(cfg: dict, device) -> list[dict]:
             bl = blocks(kind)
             run_steps(stack_steps(bl, xa))  # record one layout per block for the compute-only baseline
             compute_only = [(attn, _ComputeOnly(moe, moe.experts.last)) for attn, moe in bl]
-            t_comp = timed(sequential(compute_only), iters, device=device)
-            t_seq = timed(sequential(bl), iters, device=device)
-            t_ovl = timed(
+            t_comp, busy_comp = timed_busy(sequential(compute_only), iters, device=device)
+            t_seq, busy_seq = timed_busy(sequential(bl), iters, device=device)
+            t_ovl, busy_ovl = timed_busy(
                 lambda bl=bl: interleave(stack_steps(bl, xa), stack_steps(bl, xb)), iters, device=device
             )
             exposed_seq = t_seq - t_comp
             rows.append({"section": "overlap", "compute": kind, "world": W, "layers": L, "tokens": T,
                          "t_compute_us": t_comp, "t_sequential_us": t_seq, "t_interleaved_us": t_ovl,
                          "t_comm_alone_us": t_comm,
-                         "hidden_fraction": (t_seq - t_ovl) / exposed_seq})  # fmt: skip
+                         "hidden_fraction": (t_seq - t_ovl) / exposed_seq,
+                         "cores_busy_compute": busy_comp, "cores_busy_sequential": busy_seq,
+                         "cores_busy_interleaved": busy_ovl})  # fmt: skip
     return rows
 
 
 def _cpu_allocator_reuse() -> None:
     """glibc returns freed blocks above 128 KiB to the OS, so every fresh buffer page-faults (measured: 60% of
-    a local dispatch+combine). GPUs use a caching allocator; make the CPU reuse memory too, for every
-    implementation alike (mallopt M_MMAP_THRESHOLD = 32 MiB, M_TRIM_THRESHOLD = 1 GiB)."""
+    a local dispatch+combine; at H=7168 one fault per 4 KiB page costs as much as the copy). GPUs use a
+    caching allocator; make the CPU reuse memory too, for every implementation alike: no mmap'd blocks at
+    all (M_MMAP_MAX = 0; the threshold alone caps at 32 MiB, below DeepSeek-sized buffers), heap trimmed
+    only above 1 GiB, one arena for all threads (the communication thread's buffers too). The environment
+    form for any program: MALLOC_MMAP_MAX_=0 MALLOC_ARENA_MAX=1 MALLOC_TRIM_THRESHOLD_=1073741824."""
     try:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 32 << 20)
-        libc.mallopt(-1, 1 << 30)
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-4, 0)  # M_MMAP_MAX
+        libc.mallopt(-8, 1)  # M_ARENA_MAX: threads share the main heap (a thread arena's heaps are mmap'd)
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
     except OSError:  # not glibc: leave the allocator alone
         pass
 
@@ -364,7 +440,13 @@ def _bench_rank(rank: int, world_size: int, cfg: dict, sections: list[str]) -> l
         _cpu_allocator_reuse()
     rows: list[dict] = []
     for s in sections:
-        rows += {"comm": section_comm, "nodes": section_nodes, "overlap": section_overlap}[s](cfg, device)
+        fn = {
+            "comm": section_comm,
+            "payload": section_payload,
+            "nodes": section_nodes,
+            "overlap": section_overlap,
+        }
+        rows += fn[s](cfg, device)
     return rows
 
 
@@ -387,9 +469,14 @@ def main() -> None:
         "--emulated-ms", type=float, default=40.0, help="emulated attention / experts time per block"
     )
     p.add_argument(
-        "--layers", type=int, default=4, help="blocks (attention + MoE) per micro-batch in overlap"
+        "--layers", type=int, default=8, help="blocks (attention + MoE) per micro-batch in overlap"
     )
-    p.add_argument("--sections", default="comm,nodes,overlap")
+    p.add_argument("--overlap-iters", type=int, default=9, help="timed iterations per overlap figure")
+    p.add_argument(
+        "--sweep-hidden", default="128,512,2048,7168", help="hidden sizes of the payload section (comma list)"
+    )
+    p.add_argument("--sweep-iters", type=int, default=7, help="timed iterations per payload-section row")
+    p.add_argument("--sections", default="comm,payload,nodes,overlap")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/ on GPU; required on CPU)")
     args = p.parse_args()
     keys = (
@@ -403,8 +490,9 @@ def main() -> None:
         "iters",
         "emulated_ms",
     )
-    keys += ("layers",)
+    keys += ("layers", "overlap_iters", "sweep_iters")
     cfg = {k: getattr(args, k) for k in keys}
+    cfg["sweep_hidden"] = [int(h) for h in args.sweep_hidden.split(",")]
     cfg["dtype"] = getattr(torch, args.dtype)
     sections = args.sections.split(",")
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -442,6 +530,8 @@ def main() -> None:
             ]
         if r["section"] == "overlap":
             summary[f"hidden_fraction_{r['compute']}"] = r["hidden_fraction"]
+        if r["section"] == "payload":
+            summary[f"ours_vs_plain_hidden_{r['hidden']}"] = r["ours_vs_plain"]
     # Shared CPU machines: timings (the overlap most) depend on what else runs; keep the load with them.
     summary["load_average_1min_start"] = load_start
     summary["load_average_1min_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

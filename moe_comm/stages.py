@@ -24,6 +24,7 @@ tensors (pairs or gradient rows) without metadata: the index plan is reused.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -105,13 +106,7 @@ class DynamicStage:
         self.send_peer, self.send_rows = peer_row[:, 0], peer_row[:, 1]
         self.send_counts = sel.sum(0)
         self.send_splits: list[int] = self.send_counts.tolist()
-        # Reduced combine: partial (row j, peer r) comes back at the position row j was sent to r from; a row
-        # reaches at most min(K, W) peers, listed in ascending order (unused: the appended zero row).
-        S = self.send_rows.numel()
-        by_peer = torch.full((self.n, W + 1), S, dtype=torch.long, device=target.device)
-        by_peer[self.send_rows, self.send_peer] = torch.arange(S, device=target.device)
-        peers = torch.sort(torch.where(sel, torch.arange(W, device=target.device), W), dim=1).values
-        self.row_slots = by_peer.gather(1, peers[:, : min(self.topk, W)])
+        self._sel = sel
         tv = target[target >= 0]  # the slots' peers in (row, k) order
         order = torch.sort(tv, stable=True).indices  # pair index for each (peer, row, k)-ordered arrival
         self.pair_inv = torch.empty_like(order)
@@ -124,6 +119,16 @@ class DynamicStage:
         self.rev_recv_splits: list[int] = torch.bincount(tv, minlength=W).tolist()
         self.recv_splits: list[int] | None = None  # known after the count exchange
         self.rev_send_splits: list[int] | None = None  # known after the rows arrived
+
+    @functools.cached_property
+    def row_slots(self) -> torch.Tensor:
+        """Reduced combine: (n, min(K, W)) -- partial (row j, peer r) comes back at the position row j was
+        sent to r from; a row's peers in ascending order, unused entries at the appended zero row."""
+        W, S, dev = self.comm.world_size, self.send_rows.numel(), self.target.device
+        by_peer = torch.full((self.n, W + 1), S, dtype=torch.long, device=dev)
+        by_peer[self.send_rows, self.send_peer] = torch.arange(S, device=dev)
+        peers = torch.sort(torch.where(self._sel, torch.arange(W, device=dev), W), dim=1).values
+        return by_peer.gather(1, peers[:, : min(self.topk, W)])
 
     # dispatch direction ----------------------------------------------------------------------------
     def pack(
