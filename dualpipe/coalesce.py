@@ -9,6 +9,14 @@ negotiation is needed. A group is a run of consecutive SEND actions to one peer;
 receiver can post a single receive for all of it before it needs any part: the latest of the group's
 RECV positions must come before the first compute action that consumes a part. Otherwise the messages
 stay separate.
+
+Early sends (``early_sends``): the activation made by the forward half of an F&B action leaves as soon
+as that half is done, before the backward half runs, when its SEND_F is among the sends right after
+the F&B (so the order of this rank's P2P calls is unchanged). The neighbour's next F&B needs it first
+(its forward half) and the gradient only for its backward half, so a transfer no longer sits between
+two dependent F&B actions: in DualPipe's steady state each pair of F&B actions otherwise waits one P2P
+latency (rank r's F&B needs the neighbour's F&B of the same slot, both ways). An early message is never
+coalesced (it has left when the rest is sent).
 """
 
 from __future__ import annotations
@@ -51,8 +59,26 @@ def _consumer_positions(schedule: Schedule, rank: int) -> dict[MessageKey, int]:
     return out
 
 
-def message_groups(schedule: Schedule) -> dict[MessageKey, Group]:
-    """Every message key that travels in a multi-message group -> its group."""
+def early_sends(schedule: Schedule) -> frozenset[MessageKey]:
+    """Message keys of activations sent from inside an F&B action (see the module docstring)."""
+    s = schedule
+    out: set[MessageKey] = set()
+    for acts in s.actions:
+        for i, a in enumerate(acts):
+            if a.op is not Op.FB:
+                continue
+            j = i + 1
+            while j < len(acts) and acts[j].op in (Op.SEND_F, Op.SEND_B):
+                x = acts[j]
+                if x.op is Op.SEND_F and (x.stage, x.mb) == (a.stage, a.mb):
+                    out.add(message_key(x, s))
+                j += 1
+    return frozenset(out)
+
+
+def message_groups(schedule: Schedule, early: frozenset[MessageKey] = frozenset()) -> dict[MessageKey, Group]:
+    """Every message key that travels in a multi-message group -> its group. Keys in ``early`` (sent
+    ahead of their run, ``early_sends``) are left out of every group."""
     s = schedule
     recv_pos = {
         r: {message_key(a, s): i for i, a in enumerate(acts) if a.op in (Op.RECV_F, Op.RECV_B)}
@@ -72,7 +98,7 @@ def message_groups(schedule: Schedule) -> dict[MessageKey, Group]:
                 j + 1 < len(acts) and acts[j + 1].op in (Op.SEND_F, Op.SEND_B) and acts[j + 1].peer == a.peer
             ):
                 j += 1
-            keys = tuple(message_key(x, s) for x in acts[i : j + 1])
+            keys = tuple(k for k in (message_key(x, s) for x in acts[i : j + 1]) if k not in early)
             i = j + 1
             if len(keys) < 2:
                 continue

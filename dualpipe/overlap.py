@@ -341,10 +341,11 @@ def drive(steps: Generator[str, None, Any]) -> Any:
 
 
 class _Tracked:
-    """Wrap a generator so its return value is kept when an overlap function exhausts it."""
+    """Wrap a generator so its return value is kept when an overlap function exhausts it;
+    ``on_done(value)`` runs once, as soon as it ends (inside the overlap function)."""
 
-    def __init__(self, gen: Generator[str, None, Any]):
-        self.gen, self.done, self.value = gen, False, None
+    def __init__(self, gen: Generator[str, None, Any], on_done: Callable[[Any], None] | None = None):
+        self.gen, self.done, self.value, self.on_done = gen, False, None, on_done
 
     def __iter__(self) -> _Tracked:
         return self
@@ -353,7 +354,10 @@ class _Tracked:
         try:
             return next(self.gen)
         except StopIteration as stop:
-            self.done, self.value = True, stop.value
+            if not self.done:
+                self.done, self.value = True, stop.value
+                if self.on_done is not None:
+                    self.on_done(stop.value)
             raise
 
 

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from dualpipe.coalesce import message_groups
+from dualpipe.coalesce import early_sends, message_groups
 from dualpipe.grads import allreduce_dp, sum_mirror_grads, sum_tied_local, sum_tied_remote
 from dualpipe.overlap import OverlapFn, interleave
 from dualpipe.p2p import KIND_X, P2P, PeerError, make_tag
@@ -81,6 +81,7 @@ class Pipeline(nn.Module):
         dp_average: bool = True,
         timeout_s: float | None = None,
         coalesce: bool = True,
+        early_send: bool = True,
     ):
         super().__init__()
         name = type(self).__name__
@@ -124,6 +125,8 @@ class Pipeline(nn.Module):
         self._schedules: dict[tuple[int, bool], Schedule] = {}
         self._groups: dict[tuple[int, bool], dict] = {}
         self.coalesce = coalesce
+        self.early_send = early_send  # F&B actions send their activation mid-action (dualpipe.coalesce)
+        self._early: dict[tuple[int, bool], frozenset] = {}
         self._step_id = 0
         self._meta: dict = {}  # boundary shapes per (kind, stage, micro-batch), shared with the peers' copy
         self.timeline: list[Event] = []
@@ -154,12 +157,18 @@ class Pipeline(nn.Module):
         sigs = [_signature(m) for m in self.module] + [(0, 0, 0)] * (2 - len(self.module))
         vec = [_CODES[self.schedule_name], self.pp, len(self.module), _SPLIT_CODES[self.weight_split]]
         vec += [x for s in sigs for x in s]
+        vec.append(2 * int(self.coalesce) + int(self.early_send))  # both sides derive messages from these
         got = self._gather(vec, self.group)
         for r, v in enumerate(got):
             if v[:3] != vec[:3]:
                 raise ValueError(
                     f"{name}: ranks disagree on the pipeline: rank {self.rank} runs "
                     f"(schedule, ranks, modules) = {tuple(vec[:3])}, rank {r} runs {tuple(v[:3])}"
+                )
+            if v[-1] != vec[-1]:
+                raise ValueError(
+                    f"{name}: ranks disagree on the messages: rank {self.rank} has (coalesce, early_send) = "
+                    f"{(self.coalesce, self.early_send)}, rank {r} has {(bool(v[-1] & 2), bool(v[-1] & 1))}"
                 )
         if self.schedule_name == "dualpipe":
             for r in range(self.pp):
@@ -244,7 +253,9 @@ class Pipeline(nn.Module):
                     f"ranks: {e}"
                 ) from None
             self._schedules[key] = forward_only(sched) if forward else sched
-            self._groups[key] = message_groups(self._schedules[key]) if self.coalesce else {}
+            early = early_sends(self._schedules[key]) if self.early_send else frozenset()
+            self._early[key] = early
+            self._groups[key] = message_groups(self._schedules[key], early) if self.coalesce else {}
         return self._schedules[key]
 
     def simulate(self, num_chunks: int, costs: Costs | Sequence[Costs]) -> SimResult:
@@ -307,9 +318,17 @@ class Pipeline(nn.Module):
         self._step_id += 1
         io = StepIO(mb_inputs, mb_labels, criterion, return_outputs, (num_chunks, self._step_id))
         t0 = time.perf_counter()
-        groups = self._groups[(num_chunks, not grad)]
+        key = (num_chunks, not grad)
         engine = Engine(
-            sched, list(self.module), self.p2p, self.policy, self.overlap, self.device, self._meta, groups
+            sched,
+            list(self.module),
+            self.p2p,
+            self.policy,
+            self.overlap,
+            self.device,
+            self._meta,
+            self._groups[key],
+            self._early[key],
         )
         res = engine.run(io)
         t_engine = time.perf_counter() - t0

@@ -19,7 +19,7 @@ Compute actions are recorded in the timeline (seconds from the step start) and a
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,6 +83,7 @@ class Engine:
         device: torch.device,
         meta_cache: dict | None = None,
         groups: dict | None = None,
+        early: frozenset = frozenset(),
     ):
         self.s = schedule
         self.p2p = p2p
@@ -94,6 +95,7 @@ class Engine:
         self.device = device
         self.meta_cache = meta_cache if meta_cache is not None else {}  # boundary shapes, kept across steps
         self.groups = groups if groups is not None else {}  # coalesced messages (dualpipe.coalesce)
+        self.early = early  # activations sent from inside an F&B action (dualpipe.coalesce.early_sends)
 
     # ---------------------------------------------------------------------------------------------------
     def run(self, io: StepIO) -> dict[str, Any]:
@@ -106,6 +108,8 @@ class Engine:
         self.out_groups: dict[tuple, list[tuple[str, list]]] = {}  # group -> parts sent so far
         self.in_groups: dict[tuple, int] = {}  # group -> receives reached so far
         self.group_parts: dict[tuple, list] = {}  # received part tensors by message key
+        self.sent_early: set[tuple[int, int]] = set()  # (stage, mb) whose SEND_F already went
+        self.inner_wait = 0.0  # time an F&B action spent waiting for its backward half's gradient
         self.losses: dict[int, Tensor] = {}
         self.outputs: dict[int, tuple] = {}
         self.events: list[Event] = []
@@ -185,23 +189,25 @@ class Engine:
         self.recvs[("B", a.stage, a.mb)] = RecvTensors(self.p2p, metas, a.peer, tag, self.device)
 
     def _do_SEND_F(self, a: Action) -> None:
-        ch = self.chunks[(a.stage, a.mb)]
-        nxt = self.s.next_stage(a.stage)
-        if ("F", nxt, a.mb) in self.groups:
-            self._send_part(("F", nxt, a.mb), list(ch.outs), a.peer)
+        if (a.stage, a.mb) in self.sent_early:
+            self.sent_early.discard((a.stage, a.mb))
+            return
+        self._send_f(a.stage, a.mb, a.peer)
+
+    def _send_f(self, stage: int, mb: int, peer: int) -> None:
+        ch = self.chunks[(stage, mb)]
+        nxt = self.s.next_stage(stage)
+        if ("F", nxt, mb) in self.groups:
+            self._send_part(("F", nxt, mb), list(ch.outs), peer)
         else:
-            sent = send_boundary(
-                self.p2p, ch.outs, self.io.fields, a.peer, KIND_F, nxt, a.mb, self.meta_cache
-            )
+            sent = send_boundary(self.p2p, ch.outs, self.io.fields, peer, KIND_F, nxt, mb, self.meta_cache)
             for work, t in sent:
-                self.sends.append(
-                    (work, t, a.peer, f"sending the activation of stage {a.stage} mb {a.mb}", None)
-                )
+                self.sends.append((work, t, peer, f"sending the activation of stage {stage} mb {mb}", None))
         if torch.is_grad_enabled():
             # keep only the autograd edges: the output tensors are freed once the sends complete
             ch.outs = [get_gradient_edge(o) if o.requires_grad else None for o in ch.outs]
         else:
-            self.chunks.pop((a.stage, a.mb))
+            self.chunks.pop((stage, mb))
 
     def _do_SEND_B(self, a: Action) -> None:
         ch = self.chunks[(a.stage, a.mb)]
@@ -373,9 +379,13 @@ class Engine:
 
     def _timed(self, a: Action, fn: Callable[[], None]) -> None:
         start = time.perf_counter()
+        self.inner_wait = 0.0
         with torch.profiler.record_function(f"dualpipe.{a}"):
             fn()
         end = time.perf_counter()
+        # an F&B that waited for its backward half's gradient is drawn as starting that much later (the
+        # wait is bubble, not busy time)
+        start += self.inner_wait
         self.events.append(
             Event(self.rank, a.op.value, a.stage, a.mb, start - self.t0, end - self.t0, a.stage2, a.mb2)
         )
@@ -414,17 +424,31 @@ class Engine:
 
     def _do_FB(self, a: Action) -> None:
         inputs, needs = self._f_inputs(a.stage, a.mb)
-        bsteps = self._backward_steps(a.stage2, a.mb2, split=False)
+        nxt = self.s.next_stage(a.stage)
+        early = nxt is not None and ("F", nxt, a.mb) in self.early
+
+        def forward_done(graph: ChunkGraph) -> None:
+            self._after_forward(a.stage, a.mb, inputs, needs, graph)
+            if early:  # the activation leaves now; the neighbour's next F&B needs it first
+                self._send_f(a.stage, a.mb, self.s.stage_rank[nxt])
+                self.sent_early.add((a.stage, a.mb))
+
+        def backward() -> Generator[str, None, Any]:
+            # the output gradient is awaited only when the backward half starts (after the forward
+            # half, under the default overlap), so its transfer overlaps the forward half
+            t0 = time.perf_counter()
+            steps = self._backward_steps(a.stage2, a.mb2, split=False)
+            self.inner_wait += time.perf_counter() - t0
+            return (yield from steps)
 
         def run() -> None:
-            f = _Tracked(self._forward_steps(a.stage, a.mb, inputs))
-            b = _Tracked(bsteps)
+            f = _Tracked(self._forward_steps(a.stage, a.mb, inputs), on_done=forward_done)
+            b = _Tracked(backward())
             self.overlap(f, b)
             if not (f.done and b.done):
                 raise RuntimeError(
                     f"overlap function {self.overlap!r} returned before both halves of {a} finished"
                 )
-            self._after_forward(a.stage, a.mb, inputs, needs, f.value)
             self._after_backward(a.stage2, a.mb2, b.value, split=False)
 
         self._timed(a, run)

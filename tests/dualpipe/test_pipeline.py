@@ -26,7 +26,9 @@ def _num_stages(kind: str, pp: int) -> int:
     return 2 * pp if kind == "dualpipev" else pp
 
 
-def _build(kind, pp, rank, split, stage_kind="plain", tie=False, group=None, dp_group=None, coalesce=True):
+def _build(
+    kind, pp, rank, split, stage_kind="plain", tie=False, group=None, dp_group=None, coalesce=True, early=True
+):
     S = _num_stages(kind, pp)
     last = S - 1
 
@@ -48,6 +50,7 @@ def _build(kind, pp, rank, split, stage_kind="plain", tie=False, group=None, dp_
         tied=tied,
         timeout_s=60,
         coalesce=coalesce,
+        early_send=early,
     )
 
 
@@ -123,6 +126,8 @@ def _rank_two(rank, world):
     n_compute = len(a.schedule(4).compute_actions(rank))
     # the same pipeline without coalesced messages
     rc = _train(_build("dualpipev", world, rank, "generic", coalesce=False), 5)
+    # ... and with F&B activations sent after the action (coalesced with the gradient) instead of early
+    rl = _train(_build("dualpipev", world, rank, "generic", early=False), 5)
     # the boundary shapes change between steps (17 rows instead of 13): the peers notice from the header
     x, z, ids, y = batch(17, 8)
     for p in a.parameters():
@@ -145,6 +150,7 @@ def _rank_two(rank, world):
         timeline=a.timeline,
         n17=ra3,
         uncoalesced=rc,
+        late=rl,
         trace=(spans, train_timeline, n_compute),
         gathered=gathered,
     )
@@ -171,6 +177,7 @@ def test_pp2_all_schedules_splits_ties_overlap_two_pipelines_forward_only(tmp_pa
     _check([[t[1]] for t in two], ("zb1p", "linear", "plain", False, 4), 0)
     _check([[t[2]] for t in two], ("dualpipe", "linear", "plain", False, 4), 0)
     _check([[rr["uncoalesced"]] for rr in res], ("dualpipev", "generic", "plain", False, 5), 0)
+    _check([[rr["late"]] for rr in res], ("dualpipev", "generic", "plain", False, 5), 0)
     l17, g17 = reference_full(2, 4, n=17, seed=8)
     for rr in res:
         if rr["n17"]["loss"] is not None:

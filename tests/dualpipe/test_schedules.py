@@ -191,7 +191,7 @@ def test_chrome_trace_and_png(tmp_path):
 
 
 def test_coalesced_message_groups():
-    from dualpipe.coalesce import _consumer_positions, message_groups
+    from dualpipe.coalesce import _consumer_positions, early_sends, message_groups
     from dualpipe.validate import message_key
 
     s = build_dualpipev(2, 8)
@@ -205,3 +205,15 @@ def test_coalesced_message_groups():
         need = _consumer_positions(s, g.dst)
         assert max(recv[k] for k in g.keys) < min(need[k] for k in g.keys)  # one receive, posted in time
     assert message_groups(build_1f1b(4, 8)) == {}
+    # F&B activations sent from inside the action: one per F&B whose activation leaves the rank, never
+    # coalesced (DualPipeV pp=2: the 11 pairs above lose their activation, so no group is left)
+    early = early_sends(s)
+    n_fb_sends = sum(
+        1
+        for r, acts in enumerate(s.actions)
+        for a in acts
+        if a.op is Op.FB and s.next_stage(a.stage) is not None and s.stage_rank[s.next_stage(a.stage)] != r
+    )
+    assert len(early) == n_fb_sends == 11 and all(k[0] == "F" for k in early)
+    assert message_groups(s, early) == {}
+    assert early_sends(build_1f1b(4, 8)) == frozenset()
