@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_comm.row_ops import gather_rows
+from moe_comm.row_ops import gather_rows, stable_argsort
 from moe_comm.stages import padded_rows
 
 __all__ = ["ContiguousLayout", "MaskedLayout"]
@@ -28,7 +28,7 @@ def _group_positions(key: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, 
 
     ``rank[p]`` is the number of earlier p' (in index order) with the same key: a stable counting sort.
     """
-    order = torch.sort(key, stable=True).indices
+    order = stable_argsort(key)
     counts = torch.zeros(num_groups + 1, dtype=torch.long, device=key.device)
     counts.scatter_add_(0, key, torch.ones_like(key))
     start = counts.cumsum(0) - counts
@@ -57,15 +57,18 @@ class ContiguousLayout:
         """
         R, K = meta.shape
         valid = meta >= 0
-        rc = valid.nonzero()  # (P, 2) [row, k], row-major = source-major
-        self.pair_row, pair_k = rc[:, 0], rc[:, 1]
-        local = meta[self.pair_row, pair_k] - first_expert
-        if local.numel() and (int(local.min()) < 0 or int(local.max()) >= num_local):
-            raise RuntimeError(
-                f"moe_comm internal error: received expert ids outside this rank's experts "
-                f"[{first_expert}, {first_expert + num_local}) (peers disagree on num_experts or topology?)"
-            )
-        self.pair_weights = weights[self.pair_row, pair_k]
+        flat = valid.view(-1).nonzero().squeeze(1)  # (P,) slots (row, k), row-major = source-major
+        self.pair_row, pair_k = flat // K, flat % K
+        local = meta.reshape(-1).index_select(0, flat) - first_expert
+        if local.numel():
+            lo, hi = torch.aminmax(local)  # one pass, one host synchronisation
+            if int(lo) < 0 or int(hi) >= num_local:
+                raise RuntimeError(
+                    "moe_comm internal error: received expert ids outside this rank's experts "
+                    f"[{first_expert}, {first_expert + num_local}) (do peers disagree on num_experts or "
+                    "the topology?)"
+                )
+        self.pair_weights = weights.reshape(-1).index_select(0, flat)
         self.valid, self.slot_weights = valid, torch.where(valid, weights, 0.0)
         if row_order is None:
             _, counts, rank = _group_positions(local, num_local)

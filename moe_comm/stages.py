@@ -31,7 +31,7 @@ import torch
 
 from moe_comm.comm import Comm, Pending
 from moe_comm.layout import _membership
-from moe_comm.row_ops import gather_rows
+from moe_comm.row_ops import gather_rows, stable_argsort
 
 __all__ = ["RowFormat", "DynamicStage", "StaticStage", "padded_rows"]
 
@@ -108,7 +108,7 @@ class DynamicStage:
         self.send_splits: list[int] = self.send_counts.tolist()
         self._sel = sel
         tv = target[target >= 0]  # the slots' peers in (row, k) order
-        order = torch.sort(tv, stable=True).indices  # pair index for each (peer, row, k)-ordered arrival
+        order = stable_argsort(tv)  # pair index for each (peer, row, k)-ordered arrival
         self.pair_inv = torch.empty_like(order)
         self.pair_inv[order] = torch.arange(order.numel(), device=order.device)
         self.num_pairs = tv.numel()
