@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from bench.bench_moe_comm import _cpu_allocator_reuse
 from bench.common import print_table, write_results
 from dualpipe import Costs, DualPipe, DualPipeV, Pipeline1F1B, PipelineZB1P, build, simulate
 from tests.distributed import run_ranks
@@ -173,8 +174,11 @@ def _torch(cfg: dict, name: str, rank: int, pp: int):
 
 def _rank(rank: int, world: int, cfg: dict) -> list[dict]:
     """Build every implementation, then time them round-robin (one step each per round), so that load
-    drifting on a shared host hits all of them alike."""
+    drifting on a shared host hits all of them alike. Every implementation runs with glibc reusing freed
+    memory instead of returning it to the OS (``_cpu_allocator_reuse``), as a GPU caching allocator
+    would: otherwise each fresh weight gradient page-faults (measured: ~10% of a real-stage step)."""
     torch.set_num_threads(1)
+    _cpu_allocator_reuse()
     latency = _ping(rank, cfg["x"][: max(1, cfg["x"].shape[0] // cfg["chunks"])])
     steps = [(_torch if name.startswith("torch") else _ours)(cfg, name, rank, world) for name in cfg["impls"]]
     rows = [dict(impl=name, rank=rank, times=[], stats=[]) for name in cfg["impls"]]

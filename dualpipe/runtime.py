@@ -27,7 +27,16 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 
-from dualpipe.overlap import BackwardFn, ChunkGraph, OverlapFn, _Tracked, backward_steps, drive, forward_steps
+from dualpipe.overlap import (
+    BackwardFn,
+    ChunkGraph,
+    OverlapFn,
+    _span,
+    _Tracked,
+    backward_steps,
+    drive,
+    forward_steps,
+)
 from dualpipe.p2p import (
     KIND_B,
     KIND_F,
@@ -380,7 +389,7 @@ class Engine:
     def _timed(self, a: Action, fn: Callable[[], None]) -> None:
         start = time.perf_counter()
         self.inner_wait = 0.0
-        with torch.profiler.record_function(f"dualpipe.{a}"):
+        with _span(f"dualpipe.{a}"):
             fn()
         end = time.perf_counter()
         # an F&B that waited for its backward half's gradient is drawn as starting that much later (the
