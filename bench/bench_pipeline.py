@@ -15,7 +15,9 @@ The model is the same for every schedule: ``2 * pp`` model halves; 1F1B, ZB1P an
 halves in each of ``pp`` stages, DualPipeV (ours and torch's) runs the ``2 * pp`` halves as a V.
 
 Per schedule: median step time, measured bubble (emulated), simulated step and bubble from
-``dualpipe.simulate`` with the nominal emulated costs and, calibrated, with each rank's measured median
+``dualpipe.simulate`` with the nominal emulated costs plus the measured one-way P2P latency
+(``sim_step_ms``, ``meas/sim``; ``sim_no_p2p_ms`` leaves the latency out) and, calibrated, with each
+rank's measured median
 action durations and the measured one-way P2P latency (this separates the runtime's own overhead
 from sleep overshoot and scheduler jitter on a shared host), in-flight activation peak measured (ours)
 and predicted (simulator), and ratios to torch's ScheduleDualPipeV and Schedule1F1B. Implementations
@@ -29,6 +31,7 @@ import argparse
 import os
 import statistics
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -263,20 +266,29 @@ def run(kind: str, args: argparse.Namespace) -> list[dict]:
         row["step_min_ms"] = min(times) * 1e3
         sched_name = name.replace("torch-", "").partition(":")[0]
         if kind == "emulated":
-            c = Costs(f=cfg["f"], b=cfg["b"], w=cfg["w"])
-            if sched_name == "dualpipev":  # 2pp stages of half the cost
-                c = Costs(f=cfg["f"] / 2, b=cfg["b"] / 2, w=cfg["w"] / 2)
-            sim = simulate(build(sched_name, pp, chunks), c)
+            k = 2 if sched_name == "dualpipev" else 1  # DualPipeV: 2pp stages of half the cost
+            c = Costs(f=cfg["f"] / k, b=cfg["b"] / k, w=cfg["w"] / k)
+            sim = simulate(build(sched_name, pp, chunks), c, fb_halves=not name.startswith("torch"))
+            # the nominal prediction: the emulated costs plus the measured one-way P2P latency (a real
+            # transfer takes time; the costs alone would assume it is free); ours priced as our runtime
+            # runs an F&B (fb_halves: early sends, the gradient awaited at the backward half)
+            ours = not name.startswith("torch")
+            lat = per_rank[0][i]["latency"]
+            sim_lat = simulate(build(sched_name, pp, chunks), replace(c, p2p_latency=lat), fb_halves=ours)
             # every schedule gives each rank one stage's worth of work per micro-batch
             row["busy_ms"] = chunks * (cfg["f"] + cfg["b"]) * 1e3
             row["bubble_meas"] = 1 - row["busy_ms"] / row["step_ms"]
-            row["sim_step_ms"] = sim.step_time * 1e3
-            row["bubble_sim"] = sim.bubble_fraction
+            row["sim_no_p2p_ms"] = sim.step_time * 1e3
+            row["sim_step_ms"] = sim_lat.step_time * 1e3
+            row["bubble_sim"] = sim_lat.bubble_fraction
+            row["meas/sim_no_p2p"] = row["step_ms"] / row["sim_no_p2p_ms"]
             row["meas/sim"] = row["step_ms"] / row["sim_step_ms"]
             row["act_peak_pred"] = max(sim.peak_activations)
             if not name.startswith("torch"):
                 tls = [r[i]["stats"][-1]["timeline"] for r in per_rank]
-                cal = simulate(build(sched_name, pp, chunks), _calibrated(tls, per_rank[0][i]["latency"]))
+                cal = simulate(
+                    build(sched_name, pp, chunks), _calibrated(tls, per_rank[0][i]["latency"]), fb_halves=True
+                )
                 row["p2p_lat_ms"] = per_rank[0][i]["latency"] * 1e3
                 row["sim_cal_ms"] = cal.step_time * 1e3
                 row["meas/sim_cal"] = row["step_ms"] / row["sim_cal_ms"]

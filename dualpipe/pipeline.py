@@ -260,7 +260,7 @@ class Pipeline(nn.Module):
 
     def simulate(self, num_chunks: int, costs: Costs | Sequence[Costs]) -> SimResult:
         """Price this pipeline's schedule (e.g. to draw it beside ``self.timeline``)."""
-        return simulate(self.schedule(num_chunks), costs, check=False)
+        return simulate(self.schedule(num_chunks), costs, check=False, fb_halves=self.early_send)
 
     # ---------------------------------------------------------------------------------------------------
     # step

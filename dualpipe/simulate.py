@@ -129,11 +129,17 @@ def _per_rank(costs: Costs | Sequence[Costs], n: int) -> list[Costs]:
     return costs
 
 
-def simulate(schedule: Schedule, costs: Costs | Sequence[Costs], *, check: bool = True) -> SimResult:
+def simulate(
+    schedule: Schedule, costs: Costs | Sequence[Costs], *, check: bool = True, fb_halves: bool = False
+) -> SimResult:
     """Run ``schedule`` on the cost model; raise ``DeadlockError`` if it cannot finish.
 
     ``check``: validate the schedule first (``validate_schedule``, which itself simulates with unit
-    costs; pass ``check=False`` for schedules already validated).
+    costs; pass ``check=False`` for schedules already validated). ``fb_halves``: price an F&B action as
+    the runtime runs it with early sends (``dualpipe.coalesce.early_sends``, the pipelines' default):
+    the forward half first, its activation leaving ``f`` after the start instead of at the end, and
+    the backward half waiting for its gradient only when it starts. Off by default: the plain model,
+    an F&B needs both inputs at its start and sends at its end (DeepSeek-V3's bubble formulas hold).
     """
     if check:
         from dualpipe.schedules import validate_schedule
@@ -155,6 +161,12 @@ def simulate(schedule: Schedule, costs: Costs | Sequence[Costs], *, check: bool 
     finished: dict[tuple[str, int, int], float] = {}  # ('F'|'B', stage, mb) -> end time
     timeline: list[Event] = []
     transfers: list[Event] = []
+    early: frozenset = frozenset()
+    if fb_halves:
+        from dualpipe.coalesce import early_sends
+
+        early = early_sends(s)
+    fwd_half_end: dict[tuple, float] = {}  # early message key -> when its F&B's forward half ended
 
     def deliver(key: tuple) -> None:
         if key in sent and key in posted and key not in arrival:
@@ -182,7 +194,7 @@ def simulate(schedule: Schedule, costs: Costs | Sequence[Costs], *, check: bool 
                 a = acts[pos[r]]
                 if a.op in (Op.SEND_F, Op.SEND_B):
                     key = message_key(a, s)
-                    sent[key] = (clock[r], r)
+                    sent[key] = (fwd_half_end.pop(key, clock[r]), r)
                     deliver(key)
                 elif a.op in (Op.RECV_F, Op.RECV_B):
                     key = message_key(a, s)
@@ -199,11 +211,23 @@ def simulate(schedule: Schedule, costs: Costs | Sequence[Costs], *, check: bool 
                     times = [ready_time(r, *nd) for nd in needs]
                     if any(t is None for t in times):
                         break
-                    start = max([clock[r], *times])
-                    end = start + per_rank[r].duration(a.op)
+                    c = per_rank[r]
+                    if a.op is Op.FB and fb_halves:  # the backward half's gradient is awaited after f
+                        start = max(clock[r], times[0])
+                        half = min(c.f, c.overlapped)
+                        end = max(start + half, times[1]) + c.overlapped - half
+                        start = end - c.overlapped  # drawn (and counted busy) without the wait inside
+                    else:
+                        start = max([clock[r], *times])
+                        end = start + c.duration(a.op)
                     _account(a, live, live_w, peak, peak_w, r)
                     for kind, st, mb in needs:
                         finished[(kind, st, mb)] = end
+                    if a.op is Op.FB and early:
+                        nxt = s.next_stage(a.stage)
+                        if nxt is not None and ("F", nxt, a.mb) in early:
+                            # sent when the forward half ended (before any wait for the gradient)
+                            fwd_half_end[("F", nxt, a.mb)] = max(clock[r], times[0]) + min(c.f, c.overlapped)
                     clock[r] = end
                     busy[r] += end - start
                     timeline.append(Event(r, a.op.value, a.stage, a.mb, start, end, a.stage2, a.mb2))

@@ -217,3 +217,22 @@ def test_coalesced_message_groups():
     assert len(early) == n_fb_sends == 11 and all(k[0] == "F" for k in early)
     assert message_groups(s, early) == {}
     assert early_sends(build_1f1b(4, 8)) == frozenset()
+
+
+def test_simulate_fb_halves_prices_early_sends():
+    """fb_halves: an F&B's activation leaves after its forward half and its gradient is awaited at the
+    backward half, so a P2P latency below f no longer sits between dependent F&B actions."""
+    s = build_dualpipev(2, 8)
+    for lat, plain_step, halves_step in ((0.0, 50.0, 49.0), (0.5, 54.0, 51.0)):
+        c = Costs(1, 2, 1, p2p_latency=lat)
+        plain, halves = simulate(s, c), simulate(s, c, fb_halves=True)
+        assert plain.step_time == pytest.approx(plain_step) and halves.step_time == pytest.approx(halves_step)
+        assert halves.busy == pytest.approx(plain.busy)  # a wait inside an F&B is bubble, not busy time
+        # an F&B's recorded span never overlaps the next action on its rank
+        for r in range(2):
+            evs = [e for e in halves.timeline if e.rank == r]
+            assert all(a.end <= b.start + 1e-12 for a, b in zip(evs, evs[1:]))
+    # schedules without F&B actions are priced the same either way
+    z = build_zb1p(4, 8)
+    c = Costs(1, 2, 1, p2p_latency=0.3)
+    assert simulate(z, c, fb_halves=True).step_time == simulate(z, c).step_time
