@@ -171,7 +171,7 @@ def section_comm(cfg: dict, device) -> list[dict]:
     x = torch.randn(T, H, device=device).to(dtype)
     idx, w = routing(T, E, K, seed=rank, device=device)
     group = dist.group.WORLD
-    ours = Dispatcher(group, E, timeout=120)
+    ours = Dispatcher(group, E, timeout=120, combine_by_expert=cfg["combine_by_expert"])
     ours_cap = Dispatcher(group, E, capacity=T, timeout=120)
     ours_red = Dispatcher(group, E, combine="reduced", timeout=120)
 
@@ -222,11 +222,13 @@ def section_payload(cfg: dict, device) -> list[dict]:
     T, E, K, dtype = cfg["tokens"], cfg["experts"], cfg["topk"], cfg["dtype"]
     iters = cfg["sweep_iters"]
     idx, w = routing(T, E, K, seed=rank, device=device)
-    disp = Dispatcher(dist.group.WORLD, E, timeout=600)
+    disp = Dispatcher(dist.group.WORLD, E, timeout=600, combine_by_expert=cfg["combine_by_expert"])
     rows = []
     for H in cfg["sweep_hidden"]:
         x = torch.randn(T, H, device=device).to(dtype)
-        st = disp.dispatch(x, idx, w).handle.stages[0]
+        handle = disp.dispatch(x, idx, w).handle
+        st, by_expert = handle.stages[0], disp.combines_by_expert(handle)
+        del handle
         splits = (st.send_splits, st.recv_splits, st.rev_send_splits, st.rev_recv_splits)
         t_plain, busy_plain = timed_busy(plain_all_to_all(*splits, H, H, dtype, device), iters, 1, device)
         gc.collect()  # the plain baseline's buffers go before ours allocate (DeepSeek-sized rows: GBs)
@@ -243,8 +245,8 @@ def section_payload(cfg: dict, device) -> list[dict]:
         rows.append({"section": "payload", "world": W, "tokens": T, "hidden": H, "experts": E, "topk": K,
                      "dtype": str(dtype), "mb_per_rank_max": float(mb), "plain_us": t_plain,
                      "ours_us": t_ours, "ours_vs_plain": t_ours / t_plain,
-                     "ours_minus_plain_us": t_ours - t_plain, "cores_busy_plain": busy_plain,
-                     "cores_busy_ours": busy_ours})  # fmt: skip
+                     "ours_minus_plain_us": t_ours - t_plain, "combine_by_expert": by_expert,
+                     "cores_busy_plain": busy_plain, "cores_busy_ours": busy_ours})  # fmt: skip
         del x, st, run
         gc.collect()
     return rows
@@ -480,6 +482,12 @@ def main() -> None:
     )
     p.add_argument("--sweep-iters", type=int, default=7, help="timed iterations per payload-section row")
     p.add_argument("--sections", default="comm,payload,nodes,overlap")
+    p.add_argument(
+        "--combine-by-expert",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="Dispatcher(combine_by_expert=...) of ours (host-sync) in comm and payload",
+    )
     p.add_argument("--out", default=None, help="JSON path (default bench/results/ on GPU; required on CPU)")
     args = p.parse_args()
     keys = (
@@ -496,6 +504,7 @@ def main() -> None:
     keys += ("layers", "overlap_iters", "sweep_iters")
     cfg = {k: getattr(args, k) for k in keys}
     cfg["sweep_hidden"] = [int(h) for h in args.sweep_hidden.split(",")]
+    cfg["combine_by_expert"] = {"auto": None, "on": True, "off": False}[args.combine_by_expert]
     cfg["dtype"] = getattr(torch, args.dtype)
     sections = args.sections.split(",")
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

@@ -44,6 +44,7 @@ import torch.distributed as dist
 from torch.profiler import record_function
 
 from moe_comm.comm import Chain, Comm, ThreadRun
+from moe_comm.expert_chunks import AUTO_MIN_ROW_BYTES, build_plan, chunks_to_source
 from moe_comm.expert_layout import ContiguousLayout, MaskedLayout
 from moe_comm.layout import Topology, check_topk_idx
 from moe_comm.row_ops import sum_pairs_fp32, weights_grad
@@ -73,6 +74,7 @@ class DispatchHandle:
     expanded: torch.Tensor | None = None  # the dispatch chain's output, until DispatchFn takes it
     # kept by combine for its backward (d topk_weights): ("pairs", (rows, (T, K) index)) or ("reduced", y)
     combine_saved: tuple | None = None
+    chunk_plan: Any = None  # moe_comm.expert_chunks plan, built on the first combine by expert
 
     def weights_fp32(self) -> torch.Tensor:
         """The routing weights as used by combine: FP32, 0 at unused slots, detached."""
@@ -158,6 +160,10 @@ class Dispatcher:
             bitwise equal to the plain all_to_all_single reference) or "reduced" (DeepEP's traffic: each
             rank, then each node's forwarder, pre-sums a token's outputs in FP32 and returns one row per
             (token, rank / node) in y's dtype; deterministic, partial sums rounded per hop).
+        combine_by_expert: return expert outputs (combine, dispatch backward) with one all-to-all per
+            local expert straight from the layout, instead of gathering them into one send buffer
+            (moe_comm/expert_chunks.py). None (default): when a row of x's dtype is >= 8 KiB or there is
+            one local expert. Flat topology with exact counts only (ignored otherwise).
         timeout: seconds any wait may block before raising a PeerError naming the silent peer.
         comm_thread: run each exchange on the group's FIFO communication thread (default: on for gloo), so
             that count exchanges and later hops never block the caller (moe_comm/comm.py, "Issue order").
@@ -173,6 +179,7 @@ class Dispatcher:
         align: int = 1,
         capacity: int | None = None,
         combine: str = "pairs",
+        combine_by_expert: bool | None = None,
         timeout: float = 300.0,
         comm_thread: bool | None = None,
     ) -> None:
@@ -203,6 +210,7 @@ class Dispatcher:
             raise ValueError(
                 "capacity (no-host-sync path) supports the flat topology only: pass hierarchical=False"
             )
+        self.combine_by_expert = combine_by_expert
         self._checked: set[tuple] = set()
 
     @classmethod
@@ -276,8 +284,7 @@ class Dispatcher:
         handle.layout.check_y(grad)
 
         def steps():
-            pairs = handle.layout.gather_pairs(grad.detach().contiguous())
-            src = yield from self._pairs_to_source(pairs, handle, "dispatch backward")
+            src = yield from self._layout_to_source(grad.detach(), handle, "dispatch backward")
             return sum_pairs_fp32(*src, None, handle.x_dtype)
 
         with record_function("dispatch.backward"):
@@ -348,7 +355,7 @@ class Dispatcher:
         def steps():  # all on the communication thread: gather, hops, FP32 sums
             yd = y.detach()
             if self.combine_mode == "pairs":  # every pair back to the source, summed there in k order
-                src = yield from self._pairs_to_source(handle.layout.gather_pairs(yd), handle, "combine")
+                src = yield from self._layout_to_source(yd, handle, "combine")
                 return ("pairs", src), sum_pairs_fp32(*src, weights, handle.x_dtype)
             # reduced: a rank sums its pairs of a row (k ascending), a forwarder its ranks' partials (rank
             # ascending), the source its nodes' / ranks' partials (ascending); partials in y's dtype per hop
@@ -392,6 +399,7 @@ class Dispatcher:
             "payload": _PAYLOADS.index(payload),
             "capacity (0 = exact counts)": self.capacity or 0,
             "combine": _COMBINE_MODES.index(self.combine_mode),
+            "combine by expert (0 no, 1 yes, 2 auto)": {False: 0, True: 1, None: 2}[self.combine_by_expert],
         }
 
     def _payload_bytes(self, x: torch.Tensor, payload: str) -> tuple[torch.Tensor, int]:
@@ -451,6 +459,25 @@ class Dispatcher:
         from moe_comm.functions import expand_payload
 
         return stages, layout, expand_payload(layout, fmt, recv, payload, x.shape[1], x.dtype)
+
+    def combines_by_expert(self, handle: DispatchHandle) -> bool:
+        """Whether outputs in the layout go back by local expert (the same answer on every rank)."""
+        if self.combine_by_expert is False or self.comm.is_local or len(handle.stages) != 1:
+            return False
+        if handle.layout.kind != "contiguous":
+            return False
+        if self.combine_by_expert:
+            return True
+        row_bytes = handle.hidden * torch.empty((), dtype=handle.x_dtype).element_size()
+        return self.num_local_experts == 1 or row_bytes >= AUTO_MIN_ROW_BYTES
+
+    def _layout_to_source(self, y: torch.Tensor, handle: DispatchHandle, what: str):
+        """Generator: rows in the expert layout -> at the source, (rows + a zero row, (T, K) index)."""
+        if self.combines_by_expert(handle):
+            if handle.chunk_plan is None:
+                handle.chunk_plan = build_plan(handle, self.comm.world_size)
+            return (yield from chunks_to_source(self.comm, y, handle, handle.chunk_plan, what))
+        return (yield from self._pairs_to_source(handle.layout.gather_pairs(y), handle, what))
 
     def _pairs_to_source(self, pairs: torch.Tensor, handle: DispatchHandle, what: str):
         """Generator: per-pair rows at the experts, followed by a zero row -> at the source, (rows + a zero

@@ -69,6 +69,7 @@ class ContiguousLayout:
                     "the topology?)"
                 )
         self.pair_weights = weights.reshape(-1).index_select(0, flat)
+        self.pair_local = local  # (P,) local expert of each pair
         self.valid, self.slot_weights = valid, torch.where(valid, weights, 0.0)
         if row_order is None:
             _, counts, rank = _group_positions(local, num_local)

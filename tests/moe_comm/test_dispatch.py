@@ -129,6 +129,7 @@ def check_config(rank, W, cfg) -> dict:
         align=cfg.get("align", 1),
         capacity=cfg.get("cap"),
         combine=cfg.get("combine", "pairs"),
+        combine_by_expert=cfg.get("by_expert"),
         timeout=30,
     )
     res = disp.dispatch(x, idx, w)
@@ -160,6 +161,8 @@ def check_config(rank, W, cfg) -> dict:
                                        disp.hierarchical)  # fmt: skip
         assert torch.equal(out, ref), f"{cfg['name']}: reduced combine differs from its oracle"
         reference_combine(torch.cat([r for _, r in views]), w, state, dtype, dist.group.WORLD)  # keep in step
+    chunks = cfg.get("by_expert") or cfg.get("auto_by_expert", False)
+    assert (res.handle.chunk_plan is not None) == chunks, f"{cfg['name']}: combine by expert {not chunks}"
     # 4. combine(dispatch(x)) == x * sum(weights)
     ident = disp.combine(res.x, res.handle)
     wsum = torch.where(idx >= 0, w, 0.0).sum(1, keepdim=True)
@@ -201,6 +204,9 @@ def test_two_ranks():
         cfg("bf16 align 8, empty rank", BF16, 6, 3, 33, 2, align=8, tokens=[11, 0]),
         cfg("bf16 capacity", BF16, 4, 4, 24, 3, cap=16),
         cfg("bf16 reduced", BF16, 6, 4, 40, 9, combine="reduced"),
+        cfg(
+            "bf16 by expert, align 8, empty rank", BF16, 6, 3, 33, 12, align=8, tokens=[11, 0], by_expert=True
+        ),
     ]
     out = run_ranks(_run_configs, 2, args=(cfgs,))
     assert all(r["rows"] >= 0 for rank_out in out for r in rank_out)
@@ -212,6 +218,8 @@ def test_four_ranks_flat_hierarchical_capacity_and_hash():
         cfg("fp32 2 nodes hierarchical", FP32, 8, 4, 20, 5, rpn=2, hash_runs=20),
         cfg("fp32 capacity align 4", FP32, 12, 3, 16, 6, cap=17, align=4),
         cfg("bf16 reduced hierarchical", BF16, 16, 6, 24, 10, rpn=2, combine="reduced"),
+        cfg("fp32 by expert", FP32, 12, 4, 20, 13, by_expert=True),
+        cfg("bf16 one expert per rank (auto: by expert)", BF16, 4, 2, 24, 14, align=4, auto_by_expert=True),
     ]
     out = run_ranks(_run_configs, 4, args=(cfgs,))
     assert all(o[1]["digest"] for o in out)

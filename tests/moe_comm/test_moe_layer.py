@@ -152,6 +152,7 @@ def test_expert_parallel_gradients_equal_single_process():
         {"name": "hierarchical", "kw": {"ranks_per_node": 2}, "pieces": True},
         {"name": "capacity", "kw": {"capacity": 2 * (3 + W)}},
         {"name": "aligned", "kw": {"align": 8}},
+        {"name": "by expert, aligned", "kw": {"align": 8, "combine_by_expert": True}, "pieces": True},
         {"name": "reduced", "kw": {"combine": "reduced"}},
         {"name": "reduced hierarchical", "kw": {"combine": "reduced", "ranks_per_node": 2}, "pieces": True},
     ]
