@@ -104,14 +104,14 @@ def sum_pairs_fp32(
     # Per column: None (no live slot), "dense" (gather every row: unused slots read the zero row, +0), or
     # the live rows (ascending) with each block's [lo, hi) range among them.
     plan: list = []
-    for k in range(K):
-        live = (index[:, k] != unused).nonzero().squeeze(1)
-        n = live.numel()
+    is_live = index != unused
+    for k, n in enumerate(is_live.sum(0).tolist()):  # one count for all columns: no host sync per column
         if n == 0:
             plan.append(None)
         elif n == T or (unused >= 0 and 2 * n >= T):
             plan.append("dense")
         else:
+            live = is_live[:, k].nonzero().squeeze(1)
             edges = torch.arange(0, T + B, B, device=dev).clamp_(max=T)
             plan.append((live, torch.searchsorted(live, edges).tolist()))
     out = torch.empty((T, *tail), dtype=dtype, device=dev)
