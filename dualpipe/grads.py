@@ -3,6 +3,8 @@
 - **Mirrors** (DualPipe): model stage s lives on rank s (down copy) and on rank pp-1-s (up copy); each
   copy saw half of the micro-batches. Ranks r and pp-1-r swap their flattened gradients and add, so
   both copies end up with the full gradient (bitwise equal on both sides: ``a + b == b + a``).
+  ``MirrorExchange`` starts each module's swap right after its last weight-gradient action, so it
+  overlaps the rest of the step; ``sum_mirror_grads`` swaps both after the step.
 - **Ties** (e.g. embedding and output head): gradients of tied parameters are summed, locally when
   both live on the rank, else with the rank that holds the other copy on the same chain; the sum is
   always formed in the order (lower stage, higher stage), so both sides agree bitwise.
@@ -79,6 +81,50 @@ def exchange_add(
         p2p.wait(ws, peer, "sending the mirror/tie gradients")
         out.append((b, recv))
     return out
+
+
+class MirrorExchange:
+    """DualPipe's mirrored copies summed per module, each exchange started as soon as that module's
+    gradients are final (its last weight-gradient action of the step), so it overlaps the rest of the
+    schedule; ``finish`` (after the last action) waits and adds.
+
+    Model stage ``m`` (my local 0 is model stage r, local 1 is model stage pp-1-r; the peer pp-1-r holds
+    the same two, swapped) travels under one tag both ways: each side sends its copy and receives the
+    peer's. The sums are formed as ``lower rank's + higher rank's``, so both copies end bitwise equal
+    and equal to ``sum_mirror_grads``.
+    """
+
+    def __init__(self, p2p: P2P, local: Sequence[nn.Module]):
+        self.p2p, self.local = p2p, list(local)
+        self.peer = p2p.size - 1 - p2p.rank
+        self.models = (p2p.rank, self.peer)  # model stage of local 0 and local 1
+        self.pending: dict[int, list] = {}
+
+    def start(self, i: int) -> None:
+        """Local module ``i``'s gradients are final: send them, post the receive of the peer's copy."""
+        if i in self.pending:
+            return
+        works = []
+        for k, bucket in enumerate(_by_dtype(grad_params(self.local[i]))):
+            send = flatten_grads(bucket)
+            recv = torch.empty_like(send)
+            tag = make_tag(KIND_X, 250, self.models[i], k)
+            works.append(
+                (self.p2p.isend(send, self.peer, tag), self.p2p.irecv(recv, self.peer, tag), send, recv)
+            )
+        self.pending[i] = works
+
+    def finish(self) -> None:
+        """Start what is not started yet, wait for both copies, add (both sides in the same order)."""
+        for i in range(len(self.local)):
+            self.start(i)
+        deadline = time.monotonic() + self.p2p.timeout_s
+        for i, works in sorted(self.pending.items()):
+            for (ws, wr, send, recv), bucket in zip(works, _by_dtype(grad_params(self.local[i]))):
+                self.p2p.wait(wr, self.peer, "receiving the mirror gradients", deadline)
+                self.p2p.wait(ws, self.peer, "sending the mirror gradients", deadline)
+                unflatten_into(bucket, send + recv if self.p2p.rank < self.peer else recv + send)
+        self.pending.clear()
 
 
 def sum_mirror_grads(p2p: P2P, local: Sequence[nn.Module]) -> None:

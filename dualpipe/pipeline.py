@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from dualpipe.coalesce import early_sends, message_groups
-from dualpipe.grads import allreduce_dp, sum_mirror_grads, sum_tied_local, sum_tied_remote
+from dualpipe.grads import MirrorExchange, allreduce_dp, sum_mirror_grads, sum_tied_local, sum_tied_remote
 from dualpipe.overlap import OverlapFn, interleave
 from dualpipe.p2p import KIND_X, P2P, PeerError, make_tag
 from dualpipe.runtime import Engine, StepIO
@@ -319,6 +319,11 @@ class Pipeline(nn.Module):
         io = StepIO(mb_inputs, mb_labels, criterion, return_outputs, (num_chunks, self._step_id))
         t0 = time.perf_counter()
         key = (num_chunks, not grad)
+        mirror = None
+        if grad and self.schedule_name == "dualpipe" and dist.get_backend(self.group) != "nccl":
+            # each module's mirror exchange starts after its last weight-gradient action (P2P matched by
+            # tag; NCCL matches in order, so there it stays after the step)
+            mirror = MirrorExchange(self.p2p, list(self.module))
         engine = Engine(
             sched,
             list(self.module),
@@ -329,11 +334,12 @@ class Pipeline(nn.Module):
             self._meta,
             self._groups[key],
             self._early[key],
+            mirror.start if mirror is not None else None,
         )
         res = engine.run(io)
         t_engine = time.perf_counter() - t0
         if grad:
-            self._reduce_grads()
+            self._reduce_grads(mirror)
         loss = self._losses(res["losses"], num_chunks, bool(last))
         outputs = self._outputs(res["outputs"]) if return_outputs and last else None
         self.timeline = res["timeline"]
@@ -347,8 +353,10 @@ class Pipeline(nn.Module):
         )
         return loss, outputs
 
-    def _reduce_grads(self) -> None:
-        if self.schedule_name == "dualpipe":
+    def _reduce_grads(self, mirror: MirrorExchange | None = None) -> None:
+        if mirror is not None:
+            mirror.finish()
+        elif self.schedule_name == "dualpipe":
             sum_mirror_grads(self.p2p, list(self.module))
         for tie in self._ties:
             if tie[0] == "local":

@@ -50,7 +50,7 @@ from dualpipe.p2p import (
     send_boundary,
     send_tensors,
 )
-from dualpipe.schedules import Action, Schedule
+from dualpipe.schedules import Action, Op, Schedule
 from dualpipe.trace import Event
 from dualpipe.weight_split import full_backward
 
@@ -93,6 +93,7 @@ class Engine:
         meta_cache: dict | None = None,
         groups: dict | None = None,
         early: frozenset = frozenset(),
+        on_weights_done: Callable[[int], None] | None = None,
     ):
         self.s = schedule
         self.p2p = p2p
@@ -105,6 +106,9 @@ class Engine:
         self.meta_cache = meta_cache if meta_cache is not None else {}  # boundary shapes, kept across steps
         self.groups = groups if groups is not None else {}  # coalesced messages (dualpipe.coalesce)
         self.early = early  # activations sent from inside an F&B action (dualpipe.coalesce.early_sends)
+        # on_weights_done(local index) right after the last action that adds to that module's gradients
+        self.on_weights_done = on_weights_done
+        self.weights_done_at = _last_weight_actions(schedule, self.rank) if on_weights_done else {}
 
     # ---------------------------------------------------------------------------------------------------
     def run(self, io: StepIO) -> dict[str, Any]:
@@ -124,10 +128,12 @@ class Engine:
         self.events: list[Event] = []
         self.live = self.live_w = self.peak = self.peak_w = 0
         self.t0 = time.perf_counter()
-        for a in self.s.actions[self.rank]:
+        for i, a in enumerate(self.s.actions[self.rank]):
             self._reap()
             self._poll_recvs()
             getattr(self, "_do_" + a.op.value)(a)
+            if i in self.weights_done_at and torch.is_grad_enabled():
+                self.on_weights_done(self.weights_done_at[i])  # type: ignore[misc]
         deadline = time.monotonic() + self.p2p.timeout_s
         for work, _t, peer, what, _key in self.sends:
             self.p2p.wait(work, peer, what, deadline)
@@ -461,6 +467,19 @@ class Engine:
             self._after_backward(a.stage2, a.mb2, b.value, split=False)
 
         self._timed(a, run)
+
+
+def _last_weight_actions(schedule: Schedule, rank: int) -> dict[int, int]:
+    """Position in ``rank``'s action list of the last action adding to each local stage's weight
+    gradients (W, BW, B, or the backward half of an F&B) -> the stage's local index."""
+    local = schedule.local_stages(rank)
+    last: dict[int, int] = {}
+    for i, a in enumerate(schedule.actions[rank]):
+        if a.op in (Op.W, Op.BW, Op.B):
+            last[a.stage] = i
+        elif a.op is Op.FB:
+            last[a.stage2] = i
+    return {i: local.index(st) for st, i in last.items()}
 
 
 def _nothing() -> None:

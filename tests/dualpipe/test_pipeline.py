@@ -97,6 +97,13 @@ def _check(results_by_rank, case, idx):
             for k, g in grads.items():
                 assert rel_err(g, ref[ms][k]) <= TOL, (case, r, ms, k, rel_err(g, ref[ms][k]))
     assert seen_loss == (2 if kind == "dualpipe" else 1), case
+    if kind == "dualpipe":  # the two copies of every model stage end bitwise equal (mirror sums)
+        copies: dict = {}
+        for res in results_by_rank:
+            for ms, grads in res[idx]["grads"]:
+                copies.setdefault(ms, []).append(grads)
+        for ms, (a, b) in copies.items():
+            assert all(torch.equal(a[k], b[k]) for k in a), (case, ms)
 
 
 CASES_2 = [

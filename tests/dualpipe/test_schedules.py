@@ -236,3 +236,22 @@ def test_simulate_fb_halves_prices_early_sends():
     z = build_zb1p(4, 8)
     c = Costs(1, 2, 1, p2p_latency=0.3)
     assert simulate(z, c, fb_halves=True).step_time == simulate(z, c).step_time
+
+
+def test_last_weight_actions_start_mirror_exchanges_early():
+    """DualPipe: the module whose chain ends first on a rank has its gradients final before the last
+    action, so its mirror exchange can overlap the rest of the schedule."""
+    from dualpipe.runtime import _last_weight_actions
+
+    s = build_dualpipe(4, 8)
+    for r in range(4):
+        done = _last_weight_actions(s, r)
+        assert sorted(done.values()) == [0, 1]
+        acts = s.actions[r]
+        for i, local in done.items():
+            st = s.local_stages(r)[local]
+            later = acts[i + 1 :]
+            assert not any(a.stage == st and a.op in (Op.W, Op.BW, Op.B) for a in later)
+            assert not any(a.op is Op.FB and a.stage2 == st for a in later)
+    # ranks 0 and pp-1 finish one module 6 actions before the end
+    assert min(_last_weight_actions(s, 0)) == len(s.actions[0]) - 7
