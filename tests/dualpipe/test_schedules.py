@@ -255,3 +255,12 @@ def test_last_weight_actions_start_mirror_exchanges_early():
             assert not any(a.op is Op.FB and a.stage2 == st for a in later)
     # ranks 0 and pp-1 finish one module 6 actions before the end
     assert min(_last_weight_actions(s, 0)) == len(s.actions[0]) - 7
+
+
+def test_plot_without_labels(tmp_path):
+    from dualpipe.trace import plot_timelines
+
+    r = simulate(build_dualpipev(4, 8), Costs(1.0, 2.0, 1.0))
+    for n in (0, 10_000):  # labels off (too many bars) and on
+        png = plot_timelines({"sim": r.timeline}, tmp_path / f"t{n}.png", max_labels=n)
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
