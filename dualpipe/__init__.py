@@ -32,7 +32,7 @@ from dualpipe.schedules import (
     forward_only,
     validate_schedule,
 )
-from dualpipe.simulate import Costs, DeadlockError, SimResult, simulate
+from dualpipe.simulate import Costs, DeadlockError, SimResult, StageCosts, simulate
 from dualpipe.trace import Event, plot_timelines, write_chrome_trace
 from dualpipe.weight_split import defer_weight_work, enable_linear_fast_path
 
@@ -56,6 +56,7 @@ __all__ = [
     "sequential",
     "Action",
     "Costs",
+    "StageCosts",
     "DeadlockError",
     "Event",
     "Op",

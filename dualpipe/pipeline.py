@@ -43,7 +43,7 @@ from dualpipe.overlap import OverlapFn, interleave
 from dualpipe.p2p import KIND_X, P2P, PeerError, make_tag
 from dualpipe.runtime import Engine, StepIO
 from dualpipe.schedules import Schedule, build, forward_only
-from dualpipe.simulate import Costs, SimResult, simulate
+from dualpipe.simulate import Costs, SimResult, StageCosts, simulate
 from dualpipe.trace import Event
 from dualpipe.weight_split import enable_linear_fast_path, make_policy
 
@@ -258,7 +258,7 @@ class Pipeline(nn.Module):
             self._groups[key] = message_groups(self._schedules[key], early) if self.coalesce else {}
         return self._schedules[key]
 
-    def simulate(self, num_chunks: int, costs: Costs | Sequence[Costs]) -> SimResult:
+    def simulate(self, num_chunks: int, costs: Costs | Sequence[Costs] | StageCosts) -> SimResult:
         """Price this pipeline's schedule (e.g. to draw it beside ``self.timeline``)."""
         return simulate(self.schedule(num_chunks), costs, check=False, fb_halves=self.early_send)
 

@@ -7,7 +7,8 @@ wait for compute) and a transfer starts once the data is sent *and* the receive 
 ``p2p_latency + activation_bytes / p2p_bandwidth`` (transfers do not queue behind each other on a link:
 pipeline traffic is far below link bandwidth). All ranks start at t = 0.
 
-Costs are seconds per action (per rank if a sequence is given), in the notation of the DeepSeek-V3
+Costs are seconds per action (per rank if a sequence is given, per model stage with ``StageCosts``:
+a DualPipe or DualPipeV rank holds two different stages), in the notation of the DeepSeek-V3
 report: ``f`` forward of one chunk, ``b`` its *full* backward (inputs and weights), ``w`` the weight part
 of ``b`` (so a split input-only backward costs ``b - w``), ``fb`` a forward and a full backward of two
 chunks run overlapped (default ``f + b``: no overlap gain).
@@ -32,7 +33,7 @@ Outside it the simulator is the reference and the formulas are approximations.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,6 +84,36 @@ class Costs:
         return {Op.F: self.f, Op.B: self.b - self.w, Op.W: self.w, Op.BW: self.b, Op.FB: self.overlapped}[op]
 
 
+@dataclass(frozen=True)
+class StageCosts:
+    """Costs per model stage, for ranks that hold two different stages (DualPipe, DualPipeV).
+
+    ``stages[m]`` prices every action of model stage ``m`` (its ``f``, ``b``, ``w``; its transfers are
+    the sending stage's ``p2p_latency``/``p2p_bandwidth``/``activation_bytes``). An F&B of forward stage
+    ``m`` and backward stage ``n`` takes ``fb[(m, n)]`` when given, else ``f_m + b_n`` less the mean of
+    the two stages' overlap gains (``f + b - fb`` of each; 0 where ``fb`` is unset), which is each
+    stage's own ``fb`` when ``m == n``.
+    """
+
+    stages: Sequence[Costs]
+    fb: Mapping[tuple[int, int], float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.stages or not all(isinstance(c, Costs) for c in self.stages):
+            raise ValueError(f"StageCosts.stages must be a non-empty sequence of Costs, got {self.stages!r}")
+        for key, v in self.fb.items():
+            if not (v >= 0 and math.isfinite(v)):
+                raise ValueError(f"StageCosts.fb[{key}]={v!r} must be finite and >= 0")
+
+    def pair(self, m: int, n: int) -> float:
+        """Seconds of an F&B of forward model stage ``m`` and backward model stage ``n``."""
+        if (m, n) in self.fb:
+            return self.fb[(m, n)]
+        a, b = self.stages[m], self.stages[n]
+        gain = (a.f + a.b - a.overlapped + b.f + b.b - b.overlapped) / 2
+        return max(a.f + b.b - gain, 0.0)
+
+
 @dataclass
 class SimResult:
     schedule: str
@@ -129,10 +160,51 @@ def _per_rank(costs: Costs | Sequence[Costs], n: int) -> list[Costs]:
     return costs
 
 
+def _pricing(s: Schedule, costs: Costs | Sequence[Costs] | StageCosts):
+    """(duration(rank, action), forward-half duration(rank, action), transfer(sender rank, stage))."""
+    if isinstance(costs, StageCosts):
+        sc = costs
+        if len(sc.stages) != s.num_model_stages:
+            raise ValueError(
+                f"StageCosts has {len(sc.stages)} stages but {s.name} has {s.num_model_stages} model stages"
+            )
+        for m, n in sc.fb:
+            if not (0 <= m < s.num_model_stages and 0 <= n < s.num_model_stages):
+                raise ValueError(f"StageCosts.fb key {(m, n)} out of range [0, {s.num_model_stages})")
+        model = s.stage_model
+
+        def duration(r: int, a: Action) -> float:
+            c = sc.stages[model[a.stage]]
+            if a.op is Op.FB:
+                return sc.pair(model[a.stage], model[a.stage2])
+            return c.duration(a.op)
+
+        def fwd_half(r: int, a: Action) -> float:
+            return min(sc.stages[model[a.stage]].f, duration(r, a))
+
+        def transfer(src: int, stage: int) -> float:
+            return sc.stages[model[stage]].transfer
+
+        return duration, fwd_half, transfer
+    per_rank = _per_rank(costs, s.num_ranks)
+    return (
+        lambda r, a: per_rank[r].duration(a.op),
+        lambda r, a: min(per_rank[r].f, per_rank[r].overlapped),
+        lambda src, stage: per_rank[src].transfer,
+    )
+
+
 def simulate(
-    schedule: Schedule, costs: Costs | Sequence[Costs], *, check: bool = True, fb_halves: bool = False
+    schedule: Schedule,
+    costs: Costs | Sequence[Costs] | StageCosts,
+    *,
+    check: bool = True,
+    fb_halves: bool = False,
 ) -> SimResult:
     """Run ``schedule`` on the cost model; raise ``DeadlockError`` if it cannot finish.
+
+    ``costs``: one ``Costs`` for every rank, one per rank, or ``StageCosts`` (one per model stage, and
+    per (forward stage, backward stage) F&B pair).
 
     ``check``: validate the schedule first (``validate_schedule``, which itself simulates with unit
     costs; pass ``check=False`` for schedules already validated). ``fb_halves``: price an F&B action as
@@ -146,7 +218,7 @@ def simulate(
 
         validate_schedule(schedule)
     s = schedule
-    per_rank = _per_rank(costs, s.num_ranks)
+    duration, fwd_half, transfer = _pricing(s, costs)
     n = s.num_ranks
     pos = [0] * n
     clock = [0.0] * n
@@ -172,7 +244,8 @@ def simulate(
         if key in sent and key in posted and key not in arrival:
             t_send, src = sent[key]
             t0 = max(t_send, posted[key])
-            arrival[key] = t0 + per_rank[src].transfer
+            sender = s.prev_stage(key[1]) if key[0] == "F" else s.next_stage(key[1])
+            arrival[key] = t0 + transfer(src, sender)
             op = "SEND_F" if key[0] == "F" else "SEND_B"
             transfers.append(Event(src, op, key[1], key[2], t0, arrival[key]))
 
@@ -211,15 +284,15 @@ def simulate(
                     times = [ready_time(r, *nd) for nd in needs]
                     if any(t is None for t in times):
                         break
-                    c = per_rank[r]
+                    d = duration(r, a)
                     if a.op is Op.FB and fb_halves:  # the backward half's gradient is awaited after f
                         start = max(clock[r], times[0])
-                        half = min(c.f, c.overlapped)
-                        end = max(start + half, times[1]) + c.overlapped - half
-                        start = end - c.overlapped  # drawn (and counted busy) without the wait inside
+                        half = fwd_half(r, a)
+                        end = max(start + half, times[1]) + d - half
+                        start = end - d  # drawn (and counted busy) without the wait inside
                     else:
                         start = max([clock[r], *times])
-                        end = start + c.duration(a.op)
+                        end = start + d
                     _account(a, live, live_w, peak, peak_w, r)
                     for kind, st, mb in needs:
                         finished[(kind, st, mb)] = end
@@ -227,7 +300,7 @@ def simulate(
                         nxt = s.next_stage(a.stage)
                         if nxt is not None and ("F", nxt, a.mb) in early:
                             # sent when the forward half ended (before any wait for the gradient)
-                            fwd_half_end[("F", nxt, a.mb)] = max(clock[r], times[0]) + min(c.f, c.overlapped)
+                            fwd_half_end[("F", nxt, a.mb)] = max(clock[r], times[0]) + fwd_half(r, a)
                     clock[r] = end
                     busy[r] += end - start
                     timeline.append(Event(r, a.op.value, a.stage, a.mb, start, end, a.stage2, a.mb2))

@@ -264,3 +264,42 @@ def test_plot_without_labels(tmp_path):
     for n in (0, 10_000):  # labels off (too many bars) and on
         png = plot_timelines({"sim": r.timeline}, tmp_path / f"t{n}.png", max_labels=n)
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_stage_costs_price_each_stage_and_fb_pair():
+    from dualpipe.simulate import StageCosts
+
+    # equal stages: the same as one Costs for every rank
+    for s in (build_dualpipe(4, 8), build_dualpipev(4, 8), build_1f1b(4, 8)):
+        c = Costs(1.0, 2.0, 0.5, fb=2.6, p2p_latency=0.1)
+        same = StageCosts([c] * s.num_model_stages)
+        assert simulate(s, same).step_time == pytest.approx(simulate(s, c).step_time)
+    # different stages: every action runs at its own stage's cost, F&B at its pair's
+    s = build_dualpipe(4, 8)
+    stages = [Costs(1.0 + 0.3 * m, 2.0 + 0.5 * m, 0.5 + 0.1 * m) for m in range(4)]
+    fb = {(0, 3): 3.3, (3, 0): 3.9}
+    sc = StageCosts(stages, fb)
+    r = simulate(s, sc)
+    model = s.stage_model
+    for e in r.timeline:
+        if e.op == "FB":
+            want = sc.pair(model[e.stage], model[e.stage2])
+            m, n = model[e.stage], model[e.stage2]
+            assert want == pytest.approx(fb[(m, n)] if (m, n) in fb else stages[m].f + stages[n].b)
+        else:
+            want = stages[model[e.stage]].duration(Op(e.op))
+        assert e.duration == pytest.approx(want), e
+    # the per-rank mean (the old approximation) prices the same totals per rank but another order
+    mean = [
+        Costs(*(sum(getattr(stages[model[st]], k) for st in s.local_stages(q)) / 2 for k in ("f", "b", "w")))
+        for q in range(4)
+    ]
+    assert simulate(s, mean).step_time != pytest.approx(r.step_time)
+    # overlap gains (f + b - fb) average over the pair; a stage paired with itself runs its own fb
+    g = StageCosts([Costs(1.0, 2.0, 0.5, fb=2.4), Costs(2.0, 4.0, 1.0)])
+    assert g.pair(0, 0) == pytest.approx(2.4) and g.pair(1, 1) == pytest.approx(6.0)
+    assert g.pair(0, 1) == pytest.approx(1.0 + 4.0 - 0.3) and g.pair(1, 0) == pytest.approx(2.0 + 2.0 - 0.3)
+    with pytest.raises(ValueError, match="model stages"):
+        simulate(s, StageCosts(stages[:3]))
+    with pytest.raises(ValueError, match="out of range"):
+        simulate(s, StageCosts(stages, {(0, 4): 1.0}))
