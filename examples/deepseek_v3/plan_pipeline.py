@@ -5,9 +5,10 @@
 
 Stages held by each rank (dualpipe.schedules): 1F1B and ZB1P put model stage r on rank r; DualPipe puts
 model stages r and pp-1-r on rank r; DualPipeV splits the model into 2 pp stages and puts r and 2pp-1-r on
-rank r. ``dualpipe.simulate.Costs`` are per rank, so a rank holding two stages gets the mean of their F, B
-and W, and for F&B the mean over the two (forward stage, backward stage) pairings it runs -- exact for the
-totals of each rank, an approximation of the order in which the two stages' chunks alternate.
+rank r. The step is priced per stage (``dualpipe.simulate.StageCosts``): every chunk runs at its own
+stage's F, B and W, and an F&B at the cost of its (forward stage, backward stage) pair. ``rank_costs``
+keeps the older per-rank view (a rank holding two stages gets the mean of their F, B and W, and for F&B
+the mean over its two pairings): exact for each rank's totals, not for the order the chunks alternate in.
 
 Phases of a rank (DeepSeek's step table): ``F`` forward chunks run alone, ``B`` backward chunks run alone
 (full or input-only), ``W`` weight-gradient chunks, ``F&B`` overlapped pairs, ``bubble`` idle time
@@ -21,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dualpipe.schedules import build
-from dualpipe.simulate import Costs, SimResult, simulate
+from dualpipe.simulate import Costs, SimResult, StageCosts, simulate
 from examples.deepseek_v3.plan_chunks import ChunkCost, fb_time
 
 SCHEDULES = ("1f1b", "zb1p", "dualpipe", "dualpipev")
@@ -93,13 +94,36 @@ def rank_costs(schedule: str, stages: Sequence[ChunkCost], pp: int, p2p: P2P | N
     return out
 
 
+def pipeline_stage_costs(
+    schedule: str, stages: Sequence[ChunkCost], pp: int, p2p: P2P | None = None
+) -> StageCosts:
+    """``dualpipe.simulate.StageCosts``: one ``Costs`` per model stage, F&B priced per stage pair."""
+    s = normalise_schedule(schedule)
+    need = num_model_stages(s, pp)
+    if len(stages) != need:
+        raise ValueError(f"{s} on pp={pp} needs {need} stage costs, got {len(stages)}")
+    kw = {}
+    if p2p is not None:
+        kw = dict(
+            p2p_latency=p2p.latency_s, p2p_bandwidth=p2p.bandwidth, activation_bytes=p2p.activation_bytes
+        )
+    costs = [Costs(f=c.f, b=c.b, w=min(c.w, c.b), **kw) for c in stages]
+    fb = {}
+    if s in OVERLAPPED:
+        for held in rank_stages(s, pp):
+            for x in held:
+                for y in held:
+                    fb[(x, y)] = fb_time(stages[x], stages[y])
+    return StageCosts(costs, fb)
+
+
 def simulate_pipeline(
     schedule: str, stages: Sequence[ChunkCost], *, pp: int, num_microbatches: int, p2p: P2P | None = None
 ) -> PipelineSim:
     """Build ``schedule`` with dualpipe.schedules and price it with dualpipe.simulate."""
     s = normalise_schedule(schedule)
     sched = build(s, pp, num_microbatches)
-    result = simulate(sched, rank_costs(s, stages, pp, p2p), check=False)
+    result = simulate(sched, pipeline_stage_costs(s, stages, pp, p2p), check=False)
     phases = [defaultdict(float) for _ in range(pp)]
     counts = [defaultdict(int) for _ in range(pp)]
     for e in result.timeline:
