@@ -14,8 +14,13 @@ Sections (one table each, all figures in the JSON):
   payload   the same ratio (ours, host-sync counts, vs the plain all-to-all) per hidden size
             (``--sweep-hidden``): fixed costs (the count exchange, index plans, Python and thread hand-offs)
             dominate small rows, the memory passes (pack, expand, gather pairs, FP32 sum) large ones.
+            ``combine_by_expert``: whether the combine went back by local expert (no pair gather; the
+            default for rows >= 8 KiB; ``--combine-by-expert on|off`` forces it in comm and payload).
             DeepSeek-like rows: ``--sections payload --tokens 4096 --experts 64 --topk 8 --sweep-hidden 7168``
-            (about 2 GB per rank).
+            (about 2 GB per rank). On a CPU host the ratio has a floor well above 1.15x: gloo's transport is
+            itself memory copies on the same cores as our passes, and every pass adds CPU time (measured,
+            H=1024, 4 ranks on 2 cores, CPU per rank: the plain transfer ~6.5 ms, one row gather over the
+            combine payload ~2 ms, the FP32 k-ordered sum ~7 ms; the wall time is their total over 2 cores).
   nodes     ``--world`` ranks declared as 2 nodes: bytes that cross nodes, flat vs hierarchical, for
             DeepSeek-V3-style node-limited routing (each token reaches at most ``--node-limit`` nodes).
   overlap   two micro-batches through a chunk of ``--layers`` blocks (attention stand-in, then MoELayer), one
