@@ -235,6 +235,12 @@ def _fp8_rank(rank: int, world_size: int) -> dict:
     assert (res0.x.data.shape[0] == 0) == (rank != 0) and res0.x.scale.shape[-1] == 2
     out0 = disp.combine(ex_fp8(res0), res0.handle)
     assert out0.shape == x.shape and bool(torch.isfinite(out0).all())
+    # Combine by local expert (one all-to-all per expert, no pair gather) == the gathered combine, bitwise.
+    disp_x = Dispatcher(dist.group.WORLD, E, timeout=30, combine_by_expert=True)
+    for ids in (idx, idx0):
+        a, b = (d.dispatch(x.bfloat16(), ids, w, payload="fp8") for d in (disp, disp_x))
+        assert torch.equal(disp.combine(ex_fp8(a), a.handle), disp_x.combine(ex_fp8(b), b.handle))
+        assert b.handle.chunk_plan is not None and a.handle.chunk_plan is None
     return {
         "payload": diff,
         "experts": fp8.calc_diff(out_q.float(), out_n.float()),
