@@ -242,7 +242,7 @@ def packed_layout(metas: Sequence[Meta], base: int) -> tuple[list[int], int]:
     for m in metas:
         off = _align(off)
         offs.append(off)
-        off += math.prod(m.shape) * torch.empty((), dtype=m.dtype).element_size()
+        off += math.prod(m.shape) * m.dtype.itemsize
     return offs, _align(off)
 
 
@@ -264,7 +264,7 @@ def unpack(buf: Tensor, metas: Sequence[Meta], base: int) -> list[Tensor]:
     offs, _ = packed_layout(metas, base)
     out = []
     for m, o in zip(metas, offs):
-        n = math.prod(m.shape) * torch.empty((), dtype=m.dtype).element_size()
+        n = math.prod(m.shape) * m.dtype.itemsize
         out.append(buf[o : o + n].view(m.dtype).view(m.shape))
     return out
 
