@@ -22,6 +22,12 @@ After a training step every local parameter holds its full gradient: DualPipe's 
 stage are summed, ``tied`` parameters are summed, and with ``dp_group`` the gradients are all-reduced
 (averaged unless ``dp_average=False``). ``pipe.timeline`` holds this rank's events of the last step
 (``dualpipe.trace.Event``), ``pipe.stats`` its step time, busy time, bubble and activation peaks.
+
+Messages: back-to-back sends to one peer travel as one (``coalesce=True``), and an F&B action sends its
+forward half's activation as soon as that half is done, awaiting its backward half's gradient only when
+that half starts (``early_send=True``; ``dualpipe.coalesce``). DualPipe's mirror exchange of a module
+starts right after its last weight-gradient action (gloo; with NCCL, after the step). All ranks must
+pass the same ``coalesce`` and ``early_send`` (checked at construction).
 """
 
 from __future__ import annotations
