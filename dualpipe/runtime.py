@@ -109,6 +109,7 @@ class Engine:
         # on_weights_done(local index) right after the last action that adds to that module's gradients
         self.on_weights_done = on_weights_done
         self.weights_done_at = _last_weight_actions(schedule, self.rank) if on_weights_done else {}
+        self.fused = fused_backwards(schedule, self.rank)
 
     # ---------------------------------------------------------------------------------------------------
     def run(self, io: StepIO) -> dict[str, Any]:
@@ -420,6 +421,8 @@ class Engine:
         self._timed(a, run)
 
     def _do_B(self, a: Action, split: bool = True) -> None:
+        if a.op is Op.B and (a.stage, a.mb) in self.fused:
+            split = False  # its W comes next: one full backward, without the split's extra passes
         steps = self._backward_steps(a.stage, a.mb, split)  # waits for the gradients first
 
         def run() -> None:
@@ -431,6 +434,9 @@ class Engine:
         self._do_B(a, split=False)
 
     def _do_W(self, a: Action) -> None:
+        if (a.stage, a.mb) in self.fused:  # done by its B (a zero-length event keeps the timeline whole)
+            self._timed(a, _nothing)
+            return
         ch = self.chunks[(a.stage, a.mb)]
 
         def run() -> None:
@@ -472,6 +478,24 @@ class Engine:
             self._after_backward(a.stage2, a.mb2, b.value, split=False)
 
         self._timed(a, run)
+
+
+def fused_backwards(schedule: Schedule, rank: int) -> frozenset[tuple[int, int]]:
+    """(stage, mb) of the B actions on ``rank`` followed by their own W with nothing in between but
+    receive posts: nothing is gained by splitting them (no send or compute waits between the two), so
+    the runtime runs one full backward in B and the W does nothing. Saves the split's cost (the generic
+    split's extra autograd passes), e.g. in a pipeline's cooldown."""
+    acts = schedule.actions[rank]
+    out = set()
+    for i, a in enumerate(acts):
+        if a.op is not Op.B:
+            continue
+        j = i + 1
+        while j < len(acts) and acts[j].op in (Op.RECV_F, Op.RECV_B):
+            j += 1
+        if j < len(acts) and acts[j].op is Op.W and (acts[j].stage, acts[j].mb) == (a.stage, a.mb):
+            out.add((a.stage, a.mb))
+    return frozenset(out)
 
 
 def _last_weight_actions(schedule: Schedule, rank: int) -> dict[int, int]:

@@ -303,3 +303,20 @@ def test_stage_costs_price_each_stage_and_fb_pair():
         simulate(s, StageCosts(stages[:3]))
     with pytest.raises(ValueError, match="out of range"):
         simulate(s, StageCosts(stages, {(0, 4): 1.0}))
+
+
+def test_fused_backwards_only_where_nothing_runs_between_b_and_w():
+    from dualpipe.runtime import fused_backwards
+
+    for s, want in ((build_dualpipev(2, 8), 2), (build_zb1p(2, 8), 8), (build_1f1b(2, 8), 0)):
+        got = 0
+        for r, acts in enumerate(s.actions):
+            fused = fused_backwards(s, r)
+            got += len(fused)
+            for i, a in enumerate(acts):
+                if a.op is Op.B and (a.stage, a.mb) in fused:
+                    j = next(
+                        k for k, x in enumerate(acts) if x.op is Op.W and (x.stage, x.mb) == (a.stage, a.mb)
+                    )
+                    assert all(x.op in (Op.RECV_F, Op.RECV_B) for x in acts[i + 1 : j])
+        assert got == want, s.name
