@@ -238,6 +238,13 @@ def _calibrated(timelines: list[list], latency: float) -> list[Costs]:
     """Per-rank costs from the measured action durations (medians) and the measured P2P latency."""
     out = []
     for tl in timelines:
+        # a B whose W was fused into it (the W is a zero-length event) ran a full backward: count it as BW
+        fused = {(e.stage, e.mb) for e in tl if e.op == "W" and e.duration < 1e-4}
+        tl = [
+            replace(e, op="BW") if e.op == "B" and (e.stage, e.mb) in fused else e
+            for e in tl
+            if not (e.op == "W" and (e.stage, e.mb) in fused)
+        ]
         med = {op: statistics.median(e.duration for e in tl if e.op == op) for op in {e.op for e in tl}}
         w = med.get("W", 0.0)
         b = med["BW"] if "BW" in med else med.get("B", 0.0) + w
