@@ -59,7 +59,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import print_table, write_results  # noqa: E402
+from bench.common import print_table, reuse_freed_cpu_memory, write_results  # noqa: E402
 from moe_comm import DeepSeekV3Router, Dispatcher, MoELayer, Topology, bytes_across_nodes  # noqa: E402
 from moe_comm.experts import GroupedExperts  # noqa: E402
 from moe_comm.overlap import interleave  # noqa: E402
@@ -417,28 +417,6 @@ def section_overlap(cfg: dict, device) -> list[dict]:
     return rows
 
 
-def _cpu_allocator_reuse() -> None:
-    """glibc returns freed blocks above 128 KiB to the OS, so every fresh buffer page-faults (measured: 60% of
-    a local dispatch+combine; at H=7168 one fault per 4 KiB page costs as much as the copy). GPUs use a
-    caching allocator; make the CPU reuse memory too, for every implementation alike: no mmap'd blocks at
-    all (M_MMAP_MAX = 0; the threshold alone caps at 32 MiB, below DeepSeek-sized buffers), the heap never
-    trimmed (M_TRIM_THRESHOLD = -1: a 1 GiB threshold still trimmed the ~2 GB a DeepSeek-sized call frees,
-    and the next call's expand and pair gather page-faulted: 5x slower, ours 7.3x plain instead of ~2.5x),
-    one arena for all threads (the communication thread's buffers too). The plain baseline allocates its
-    buffers once. The environment form for any program: MALLOC_MMAP_MAX_=0 MALLOC_ARENA_MAX=1
-    MALLOC_TRIM_THRESHOLD_=-1."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-4, 0)  # M_MMAP_MAX
-        libc.mallopt(-8, 1)  # M_ARENA_MAX: threads share the main heap (a thread arena's heaps are mmap'd)
-        libc.mallopt(-1, -1)  # M_TRIM_THRESHOLD: -1 = never give the heap's top back (man mallopt)
-    except OSError:  # not glibc: leave the allocator alone
-        pass
-
-
 def _bench_rank(rank: int, world_size: int, cfg: dict, sections: list[str]) -> list[dict]:
     torch.set_num_threads(1)
     device = (
@@ -447,7 +425,7 @@ def _bench_rank(rank: int, world_size: int, cfg: dict, sections: list[str]) -> l
     if cfg["cuda"]:
         torch.cuda.set_device(device)
     else:
-        _cpu_allocator_reuse()
+        reuse_freed_cpu_memory()
     rows: list[dict] = []
     for s in sections:
         fn = {

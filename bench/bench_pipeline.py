@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from bench.common import print_table, write_results
+from bench.common import print_table, reuse_freed_cpu_memory, write_results
 from dualpipe import Costs, DualPipe, DualPipeV, Pipeline1F1B, PipelineZB1P, build, simulate
 from tests.distributed import run_ranks
 
@@ -174,27 +174,13 @@ def _torch(cfg: dict, name: str, rank: int, pp: int):
     return step
 
 
-def _reuse_freed_memory() -> None:
-    """Keep freed blocks in the process (glibc: no mmap'd allocations, no heap trimming below 1 GiB, one
-    arena), the way a GPU caching allocator reuses memory; same as running under
-    ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1073741824 MALLOC_ARENA_MAX=1``. No-op off glibc."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    for param, value in ((-4, 0), (-1, 1 << 30), (-8, 1)):  # M_MMAP_MAX, M_TRIM_THRESHOLD, M_ARENA_MAX
-        libc.mallopt(param, value)
-
-
 def _rank(rank: int, world: int, cfg: dict) -> list[dict]:
     """Build every implementation, then time them round-robin (one step each per round), so that load
     drifting on a shared host hits all of them alike. Every implementation runs with glibc reusing freed
-    memory instead of returning it to the OS (``_reuse_freed_memory``), as a GPU caching allocator
-    would: otherwise each fresh weight gradient page-faults (measured: ~10% of a real-stage step)."""
+    memory instead of returning it to the OS (``bench.common.reuse_freed_cpu_memory``), as a GPU caching
+    allocator would: otherwise each fresh weight gradient page-faults (~10% of a real-stage step)."""
     torch.set_num_threads(1)
-    _reuse_freed_memory()
+    reuse_freed_cpu_memory()
     latency = _ping(rank, cfg["x"][: max(1, cfg["x"].shape[0] // cfg["chunks"])])
     steps = [(_torch if name.startswith("torch") else _ours)(cfg, name, rank, world) for name in cfg["impls"]]
     rows = [dict(impl=name, rank=rank, times=[], stats=[]) for name in cfg["impls"]]
