@@ -122,10 +122,17 @@ class CommPoint:
                 raise TypeError(f"CommPoint {self.name!r}: item {i} is {type(t).__name__}, expected a Tensor")
 
 
+def _profiling() -> bool:
+    """Whether a profiler runs: the calling thread's profiler state, or a ``torch.profiler.profile`` started
+    anywhere in the process (one with ``profile_all_threads=True`` leaves the thread-local state unset)."""
+    any_thread = getattr(torch.autograd.profiler, "_is_profiler_enabled", True)  # unknown torch: keep spans
+    return torch.autograd._profiler_enabled() or any_thread
+
+
 def _span(name: str) -> Any:
     """A profiler span (``torch.profiler.record_function``) while a profiler runs, else nothing: the
     span costs ~10 us per enter/exit even without a profiler, tens of times per pipeline step."""
-    return torch.profiler.record_function(name) if torch.autograd._profiler_enabled() else nullcontext()
+    return torch.profiler.record_function(name) if _profiling() else nullcontext()
 
 
 Pieces = Generator[CommPoint, tuple, Any]

@@ -179,3 +179,22 @@ def test_comm_point_checks():
     with pytest.raises(TypeError, match="item 0 is int"):
         CommPoint(lambda *t: Completed(t), None, (3,))
     assert Completed((torch.ones(1),)).wait()[0].item() == 1.0
+
+
+@pytest.mark.parametrize("all_threads", [False, True])
+def test_spans_recorded_under_any_profiler(all_threads):
+    """Spans are skipped without a profiler (they cost ~10 us each) but recorded under one, also under a
+    profiler that records every thread (the training app's), which leaves the thread-local state unset."""
+    from torch._C._profiler import _ExperimentalConfig
+
+    from dualpipe.overlap import _profiling
+
+    assert not _profiling()
+    cfg = _ExperimentalConfig(profile_all_threads=all_threads)
+    cpu = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=cpu, experimental_config=cfg) as p:
+        assert _profiling()
+        drive(forward_steps(MoELike(), (torch.randn(4, 8), torch.ones(4, 1)), name="probe"))
+    assert not _profiling()
+    names = {e.name for e in p.events()}
+    assert any(n.startswith("probe.piece") for n in names), sorted(names)[:20]
