@@ -12,8 +12,13 @@ import glob, importlib.util, sys
 mods = sorted(glob.glob(f"{sys.argv[1]}/**/_C*.so", recursive=True))
 assert mods, "no _C module was built"
 for path in mods:
-    spec = importlib.util.spec_from_file_location("_C", path)
+    pkg = path.split("/")[-2]  # load as <package>._C: a shared name would return the first module again
+    spec = importlib.util.spec_from_file_location(f"{pkg}._C", path)
     m = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(m)
-    print("imported", path, "->", sorted(n for n in dir(m) if not n.startswith("_")))
+    names = sorted(n for n in dir(m) if not n.startswith("_"))
+    print("imported", path, "->", names)
+    # the entry points each Python wrapper calls (fp8/cuda_*_ops.py, moe_comm/cuda_ops.py)
+    need = {"fp8": "sm90_fp8_gemm_nt_1x128_128x128_bf16", "moe_comm": "gather_rows"}.get(pkg)
+    assert need is None or need in names, f"{path} lacks {need}"
 PY
