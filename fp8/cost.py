@@ -15,9 +15,9 @@ into FP32), and BF16. ``occupancy`` only discounts GEMMs too small to fill those
 Default efficiencies (``GemmEfficiency.deepseek_v3_h800()``) are measured, not fitted: they are the rates of
 the kernels DeepSeek-V3 was trained with, taken from DeepSeek's public training profile (train.json in
 github.com/deepseek-ai/profile-data: one DualPipe forward+backward chunk pair of 4 MoE layers, EP64, 4096
-tokens, H800, 20 SMs running DeepEP): the FLOPs of each GEMM class (examples/deepseek_v3/plan_model.py)
+tokens, H800, 20 SMs running DeepEP): the FLOPs of each GEMM class (examples/deepseek_v3/plan/model.py)
 divided by the summed duration of its kernels, divided by the FP8 (BF16) peak x 112/132. Reproduce them with
-``python -m examples.deepseek_v3.plan_calibrate --trace train.json``. Cross-check: DeepGEMM's first README
+``python -m examples.deepseek_v3.plan.calibrate --trace train.json``. Cross-check: DeepGEMM's first README
 (Feb 2025, H800, all 132 SMs) reports its speedup over DeepSeek's internal CUTLASS-3.6 kernels, which puts
 those at 590-1190 TFLOPS for the dense V3 shapes at M=4096 (930-1190 but for N=32768, K=512) and 920-1080
 grouped; the profile's rates scaled to 132 SMs (1060 dense, 1190 grouped) agree within ~15%. Today's

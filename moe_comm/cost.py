@@ -35,7 +35,7 @@ training app (examples/deepseek_v3/moe.py, ``shard_experts``) therefore uses ``c
 hierarchical transfer whenever its EP group spans several nodes, and ``"pairs"`` inside one node.
 
 Bandwidths are *achieved* per GPU and per direction. The plan passes nominal x the communication kernels'
-efficiency (examples/deepseek_v3/plan_rates.py); on H800: NVLink 160 GB/s (DeepSeek-V3 report, section
+efficiency (examples/deepseek_v3/plan/rates.py); on H800: NVLink 160 GB/s (DeepSeek-V3 report, section
 3.2.2; DeepEP measures 153-158 intranode) and InfiniBand 32.8 of 50 GB/s, the rate of the dispatch/combine
 kernels in DeepSeek's training profile while overlapped with compute (DeepEP's isolated benchmark at EP64:
 51 GB/s of "logical" bandwidth, which counts a node's own traffic too, ~45 GB/s of the bytes counted here).

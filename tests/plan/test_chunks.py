@@ -7,12 +7,12 @@ import random
 import pytest
 
 from examples.deepseek_v3.config import get_preset
-from examples.deepseek_v3.plan_calibrate import calibrate, chunk_work, rates_from_json, read_trace
-from examples.deepseek_v3.plan_chunks import ChunkCost, block_costs, fb_time, partition, stage_costs
-from examples.deepseek_v3.plan_hardware import get_hardware
-from examples.deepseek_v3.plan_memory import Layout, memory_per_gpu, optimizer_step
-from examples.deepseek_v3.plan_model import model_blocks
-from examples.deepseek_v3.plan_rates import KernelRates
+from examples.deepseek_v3.plan.calibrate import calibrate, chunk_work, rates_from_json, read_trace
+from examples.deepseek_v3.plan.chunks import ChunkCost, block_costs, fb_time, partition, stage_costs
+from examples.deepseek_v3.plan.hardware import get_hardware
+from examples.deepseek_v3.plan.memory import Layout, memory_per_gpu, optimizer_step
+from examples.deepseek_v3.plan.model import model_blocks
+from examples.deepseek_v3.plan.rates import KernelRates
 from fp8.cost import GemmCostModel
 from moe_comm.cost import Routing
 

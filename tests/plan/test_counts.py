@@ -4,7 +4,7 @@ import pytest
 
 from examples.deepseek_v3 import model as model_mod
 from examples.deepseek_v3.config import get_preset
-from examples.deepseek_v3.plan_model import (
+from examples.deepseek_v3.plan.model import (
     Attention,
     attention_flops_per_token,
     model_blocks,

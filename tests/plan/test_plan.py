@@ -1,6 +1,6 @@
 """The plan end to end: DeepSeek-V3's published figures reproduced, pipeline properties, what-ifs, the CLI.
 
-Tolerances are the issue's (issue 7). The efficiencies are the documented defaults of plan_rates (measured on
+Tolerances are the issue's (issue 7). The efficiencies are the documented defaults of plan.rates (measured on
 DeepSeek's own kernel profile); nothing is fitted to these step-level figures.
 """
 
@@ -10,11 +10,11 @@ import pytest
 
 from examples.deepseek_v3.config import get_preset
 from examples.deepseek_v3.plan import PUBLISHED, ParallelConfig, RunConfig, main, plan, v3_run
-from examples.deepseek_v3.plan_chunks import ChunkCost, block_costs, partition, stage_costs
-from examples.deepseek_v3.plan_hardware import get_hardware
-from examples.deepseek_v3.plan_model import model_blocks
-from examples.deepseek_v3.plan_pipeline import rank_costs, simulate_pipeline
-from examples.deepseek_v3.plan_rates import KernelRates
+from examples.deepseek_v3.plan.chunks import ChunkCost, block_costs, partition, stage_costs
+from examples.deepseek_v3.plan.hardware import get_hardware
+from examples.deepseek_v3.plan.model import model_blocks
+from examples.deepseek_v3.plan.pipeline import rank_costs, simulate_pipeline
+from examples.deepseek_v3.plan.rates import KernelRates
 from moe_comm.cost import Routing
 
 

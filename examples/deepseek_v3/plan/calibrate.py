@@ -1,15 +1,15 @@
 """Kernel efficiencies from a torch.profiler Chrome trace of one forward+backward chunk pair of MoE layers.
 
-    python -m examples.deepseek_v3.plan_calibrate --trace train.json     # DeepSeek's public profile
-    python -m examples.deepseek_v3.plan_calibrate --trace my.json --layers 4 --tokens 4096 --json out.json
+    python -m examples.deepseek_v3.plan.calibrate --trace train.json     # DeepSeek's public profile
+    python -m examples.deepseek_v3.plan.calibrate --trace my.json --layers 4 --tokens 4096 --json out.json
 
-This is how the plan's default efficiencies (plan_rates.py) were measured, and how a user calibrates the plan
+This is how the plan's default efficiencies (rates.py) were measured, and how a user calibrates the plan
 on their own kernels: profile one forward and one backward of ``--layers`` MoE layers of ``--tokens`` tokens
 on one GPU, then pass the JSON this writes to ``plan --rates``.
 
 Kernels are classed by name (regular expressions below; DeepSeek's internal kernels, DeepGEMM, CUTLASS,
 FlashAttention, cuBLAS). Every kernel on a stream that runs expert-parallel communication kernels is
-communication and is left out. Per class: efficiency = work counted by plan_model.py / summed kernel time /
+communication and is left out. Per class: efficiency = work counted by model.py / summed kernel time /
 peak, where the peak of compute classes is scaled by the SM share left to compute while the profiled
 communication ran (``--comm-sms``).
 """
@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from examples.deepseek_v3.config import ModelConfig, get_preset
-from examples.deepseek_v3.plan_hardware import Hardware, get_hardware
-from examples.deepseek_v3.plan_model import Block, model_blocks
-from examples.deepseek_v3.plan_rates import KernelRates
+from examples.deepseek_v3.plan.hardware import Hardware, get_hardware
+from examples.deepseek_v3.plan.model import Block, model_blocks
+from examples.deepseek_v3.plan.rates import KernelRates
 from fp8.cost import GemmCostModel, GemmEfficiency
 from moe_comm.cost import Routing, combine_cost, dispatch_cost
 

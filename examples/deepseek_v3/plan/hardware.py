@@ -12,7 +12,7 @@ Sources (peaks are dense, without sparsity):
 * H200 SXM: H100 compute; 141 GB HBM3e at 4.8 TB/s; NVLink 450 per direction; 400 Gb/s NIC.
 
 Links are nominal here; the achieved share is a property of the communication kernels and lives with the
-other kernel efficiencies (plan_rates.KernelRates: ``ib_efficiency``, ``nvlink_efficiency``).
+other kernel efficiencies (plan.rates.KernelRates: ``ib_efficiency``, ``nvlink_efficiency``).
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ tuned to make a published step-level figure (step time, bubble, MFU, GPU-hours) 
 Source of the defaults: DeepSeek's public training profile (github.com/deepseek-ai/profile-data, train.json):
 one DualPipe forward+backward chunk pair of 4 MoE layers of DeepSeek-V3 (EP64, 4096 tokens, perfectly
 balanced routing, H800, expert-parallel communication on 20 SMs), i.e. the kernels the V3 run used. For
-each class, the FLOPs (bytes) that plan_model.py / moe_comm.cost count for that chunk pair are divided by the
-summed duration of the class's kernels. ``python -m examples.deepseek_v3.plan_calibrate --trace train.json``
+each class, the FLOPs (bytes) that model.py / moe_comm.cost count for that chunk pair are divided by the
+summed duration of the class's kernels. ``python -m examples.deepseek_v3.plan.calibrate --trace train.json``
 recomputes every measured number below from the trace (kernel-name classes listed there):
 
     class                           kernels    work            rate          efficiency

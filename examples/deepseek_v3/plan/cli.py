@@ -3,12 +3,12 @@
     python -m examples.deepseek_v3.plan                 # V3 on 2,048 H800: table vs published, JSON, PNG
     python -m examples.deepseek_v3.plan --what-if       # schedules, precision, EP, GPUs, nodes per token
     python -m examples.deepseek_v3.plan --model small --gpus 64 --pp 4 --ep 8 --global-batch 4096
-    python -m examples.deepseek_v3.plan --rates rates.json                 # efficiencies from plan_calibrate
+    python -m examples.deepseek_v3.plan --rates rates.json                 # efficiencies from plan.calibrate
     python -m examples.deepseek_v3.plan --gemm-bench bench/results/bench_fp8-*.json   # measured GEMM rates
 
 Prints the plan (beside DeepSeek's published figures for the V3 run), the pipeline stages, the expert
 exchange and memory per GPU; writes plan.json, a Chrome trace and a PNG of one step's timeline to --out.
-The pricing itself is plan_run.py (and the modules it lists).
+The pricing itself is run.py (and the modules it lists).
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from examples.deepseek_v3.config import get_preset
-from examples.deepseek_v3.plan_chunks import fb_time
-from examples.deepseek_v3.plan_hardware import get_hardware
-from examples.deepseek_v3.plan_pipeline import normalise_schedule
-from examples.deepseek_v3.plan_rates import KernelRates
-from examples.deepseek_v3.plan_run import (
+from examples.deepseek_v3.plan.chunks import fb_time
+from examples.deepseek_v3.plan.hardware import get_hardware
+from examples.deepseek_v3.plan.pipeline import normalise_schedule
+from examples.deepseek_v3.plan.rates import KernelRates
+from examples.deepseek_v3.plan.run import (
     PUBLISHED,
     V3_CONTEXT_EXTENSION,
     ParallelConfig,
@@ -192,7 +192,7 @@ def _config_from_args(a: argparse.Namespace) -> RunConfig:
         hw = hw.with_(comm_sms=a.comm_sms)
     rates = KernelRates.default()
     if a.rates:
-        from examples.deepseek_v3.plan_calibrate import rates_from_json
+        from examples.deepseek_v3.plan.calibrate import rates_from_json
 
         rates = rates_from_json(a.rates)
     if a.ib_efficiency is not None:
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--other-gpu-hours", type=float, default=None, help="added as is (V3: 5K post-training)")
     p.add_argument("--price", type=float, default=None, help="USD per GPU-hour (default: the hardware's)")
     p.add_argument("--comm-sms", type=int, default=None, help="SMs reserved for communication")
-    p.add_argument("--rates", default=None, help="kernel efficiencies JSON from plan_calibrate")
+    p.add_argument("--rates", default=None, help="kernel efficiencies JSON from plan.calibrate")
     p.add_argument("--ib-efficiency", type=float, default=None, help="achieved share of InfiniBand bandwidth")
     p.add_argument(
         "--gemm-bench", nargs="*", default=None, help="bench/results JSON with measured GEMM rates"

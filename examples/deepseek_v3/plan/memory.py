@@ -27,9 +27,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from examples.deepseek_v3.plan_hardware import Hardware
-from examples.deepseek_v3.plan_model import BF16, FP32, Block
-from examples.deepseek_v3.plan_rates import KernelRates
+from examples.deepseek_v3.plan.hardware import Hardware
+from examples.deepseek_v3.plan.model import BF16, FP32, Block
+from examples.deepseek_v3.plan.rates import KernelRates
 
 WEIGHT_BYTES = BF16
 GRAD_BYTES = FP32

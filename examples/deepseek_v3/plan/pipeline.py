@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from dualpipe.schedules import build
 from dualpipe.simulate import Costs, SimResult, StageCosts, simulate
-from examples.deepseek_v3.plan_chunks import ChunkCost, fb_time
+from examples.deepseek_v3.plan.chunks import ChunkCost, fb_time
 
 SCHEDULES = ("1f1b", "zb1p", "dualpipe", "dualpipev")
 OVERLAPPED = ("dualpipe", "dualpipev")  # schedules with F&B pairs: their stages are balanced on F&B time

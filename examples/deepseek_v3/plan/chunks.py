@@ -25,9 +25,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from examples.deepseek_v3.plan_hardware import Hardware
-from examples.deepseek_v3.plan_model import Block
-from examples.deepseek_v3.plan_rates import KernelRates
+from examples.deepseek_v3.plan.hardware import Hardware
+from examples.deepseek_v3.plan.model import Block
+from examples.deepseek_v3.plan.rates import KernelRates
 from fp8.cost import GemmCostModel
 from moe_comm.cost import Routing, combine_cost, dispatch_cost
 

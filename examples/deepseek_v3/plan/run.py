@@ -5,14 +5,14 @@
     step = plan_step(v3_run(), seq_len=32768, global_batch=1920, micro_batch_tokens=4096)
 
 How a step is priced (each cost model beside the thing it prices, DESIGN.md principle 4):
-1. plan_model: parameters, model FLOPs per token, and the blocks of a micro-batch (GEMM shapes, attention,
+1. plan.model: parameters, model FLOPs per token, and the blocks of a micro-batch (GEMM shapes, attention,
    element-wise bytes, expert exchange, parameters, cached activations).
-2. plan_chunks: each block's F, B, W and communication time from fp8.cost (GEMMs), attention and
+2. plan.chunks: each block's F, B, W and communication time from fp8.cost (GEMMs), attention and
    element-wise rates, and moe_comm.cost (dispatch/combine on the cluster topology), at the efficiencies
-   of plan_rates (measured on DeepSeek-V3's own kernels); blocks are cut into balanced pipeline stages.
-3. plan_pipeline: the schedule (dualpipe.schedules) priced by dualpipe.simulate: step time, bubble, phases,
+   of plan.rates (measured on DeepSeek-V3's own kernels); blocks are cut into balanced pipeline stages.
+3. plan.pipeline: the schedule (dualpipe.schedules) priced by dualpipe.simulate: step time, bubble, phases,
    in-flight activations.
-4. plan_memory: memory per GPU and the optimizer step (gradient sync, AdamW, weight all-gather).
+4. plan.memory: memory per GPU and the optimizer step (gradient sync, AdamW, weight all-gather).
 5. Here: step time = pipeline makespan + optimizer step; tokens/day, MFU, GPU-hours per trillion tokens,
    and the run's total GPU-hours and dollars (pre-training + extra phases priced the same way, + a given
    budget that is not modelled, e.g. post-training).
@@ -26,17 +26,17 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 
 from examples.deepseek_v3.config import ModelConfig, get_preset
-from examples.deepseek_v3.plan_chunks import ChunkCost, block_costs, fb_time, partition, stage_costs
-from examples.deepseek_v3.plan_hardware import Hardware, get_hardware
-from examples.deepseek_v3.plan_memory import Layout, memory_per_gpu, optimizer_step
-from examples.deepseek_v3.plan_model import (
+from examples.deepseek_v3.plan.chunks import ChunkCost, block_costs, fb_time, partition, stage_costs
+from examples.deepseek_v3.plan.hardware import Hardware, get_hardware
+from examples.deepseek_v3.plan.memory import Layout, memory_per_gpu, optimizer_step
+from examples.deepseek_v3.plan.model import (
     BF16,
     FP8,
     model_blocks,
     model_flops_per_token,
     param_counts,
 )
-from examples.deepseek_v3.plan_pipeline import (
+from examples.deepseek_v3.plan.pipeline import (
     OVERLAPPED,
     P2P,
     PipelineSim,
@@ -44,7 +44,7 @@ from examples.deepseek_v3.plan_pipeline import (
     num_model_stages,
     simulate_pipeline,
 )
-from examples.deepseek_v3.plan_rates import KernelRates
+from examples.deepseek_v3.plan.rates import KernelRates
 from moe_comm.cost import Routing
 
 # DeepSeek-V3 report (arXiv 2412.19437) and "Insights into DeepSeek-V3" (ISCA '25, arXiv 2505.09343, Table 4).
