@@ -12,6 +12,7 @@ import re
 import torch
 import torch.distributed as dist
 
+from dualpipe.overlap import sequential
 from dualpipe.pipeline import DualPipe, DualPipeV, Pipeline1F1B, PipelineZB1P, gather_timeline
 from dualpipe.schedules import build_dualpipe
 from dualpipe.simulate import Costs, simulate
@@ -27,7 +28,17 @@ def _num_stages(kind: str, pp: int) -> int:
 
 
 def _build(
-    kind, pp, rank, split, stage_kind="plain", tie=False, group=None, dp_group=None, coalesce=True, early=True
+    kind,
+    pp,
+    rank,
+    split,
+    stage_kind="plain",
+    tie=False,
+    group=None,
+    dp_group=None,
+    coalesce=True,
+    early=True,
+    overlap=None,
 ):
     S = _num_stages(kind, pp)
     last = S - 1
@@ -51,6 +62,7 @@ def _build(
         timeout_s=60,
         coalesce=coalesce,
         early_send=early,
+        overlap=overlap,
     )
 
 
@@ -118,6 +130,15 @@ CASES_2 = [
 ]
 
 
+_OVERLAP_CALLS: list = []
+
+
+def _counting_overlap(forward, backward):
+    """A user's overlap function: runs the halves one after the other and counts its calls."""
+    _OVERLAP_CALLS.append(1)
+    sequential(forward, backward)
+
+
 def _rank_two(rank, world):
     out = _rank_matrix(rank, world, CASES_2)
     # Two pipelines in one process, steps interleaved: each keeps its own weight-gradient state.
@@ -135,6 +156,13 @@ def _rank_two(rank, world):
     rc = _train(_build("dualpipev", world, rank, "generic", coalesce=False), 5)
     # ... and with F&B activations sent after the action (coalesced with the gradient) instead of early
     rl = _train(_build("dualpipev", world, rank, "generic", early=False), 5)
+    # plain stages run an F&B's two halves directly under the built-in overlaps, but a user's overlap
+    # function is still called once per F&B action
+    _OVERLAP_CALLS.clear()
+    po = _build("dualpipev", world, rank, "generic", overlap=_counting_overlap)
+    ro = _train(po, 5)
+    n_fb = sum(act.op.value == "FB" for act in po.schedule(5).compute_actions(rank))
+    ro["overlap_calls"] = (len(_OVERLAP_CALLS), n_fb)
     # the boundary shapes change between steps (17 rows instead of 13): the peers notice from the header
     x, z, ids, y = batch(17, 8)
     for p in a.parameters():
@@ -158,6 +186,7 @@ def _rank_two(rank, world):
         n17=ra3,
         uncoalesced=rc,
         late=rl,
+        user_overlap=ro,
         trace=(spans, train_timeline, n_compute),
         gathered=gathered,
     )
@@ -185,6 +214,10 @@ def test_pp2_all_schedules_splits_ties_overlap_two_pipelines_forward_only(tmp_pa
     _check([[t[2]] for t in two], ("dualpipe", "linear", "plain", False, 4), 0)
     _check([[rr["uncoalesced"]] for rr in res], ("dualpipev", "generic", "plain", False, 5), 0)
     _check([[rr["late"]] for rr in res], ("dualpipev", "generic", "plain", False, 5), 0)
+    _check([[rr["user_overlap"]] for rr in res], ("dualpipev", "generic", "plain", False, 5), 0)
+    for rr in res:
+        calls, n_fb = rr["user_overlap"]["overlap_calls"]
+        assert calls == n_fb > 0
     l17, g17 = reference_full(2, 4, n=17, seed=8)
     for rr in res:
         if rr["n17"]["loss"] is not None:
