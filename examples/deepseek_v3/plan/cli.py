@@ -30,25 +30,11 @@ from examples.deepseek_v3.plan.run import (
     ParallelConfig,
     PlanResult,
     RunConfig,
-    TrainingPhase,
     plan,
-    plan_step,
     v3_run,
 )
 
-__all__ = [
-    "PUBLISHED",
-    "V3_CONTEXT_EXTENSION",
-    "ParallelConfig",
-    "PlanResult",
-    "RunConfig",
-    "TrainingPhase",
-    "main",
-    "plan",
-    "plan_step",
-    "v3_run",
-    "what_if",
-]
+__all__ = ["main", "what_if"]  # the pricing API is re-exported by the package (plan/__init__.py)
 
 
 # ------------------------------------------------------------------------------------------ report

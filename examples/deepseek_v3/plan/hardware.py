@@ -64,46 +64,25 @@ class Hardware:
         return replace(self, **changes)
 
 
+# H800: the H100 SXM die with NVLink cut to 200 GB/s (DeepSeek-V3's cluster); H200: H100 with 141 GB HBM3e.
+_H800 = Hardware(
+    name="h800",
+    bf16_tflops=989.4,
+    fp8_tflops=1978.9,
+    num_sms=132,
+    hbm_gb=80.0,
+    hbm_tbps=3.35,
+    nvlink_gbps=200.0,
+    ib_gbps=50.0,
+    gpus_per_node=8,
+    comm_sms=20,
+    price_per_gpu_hour=2.0,
+)
+_H100 = replace(_H800, name="h100", nvlink_gbps=450.0)
 HARDWARE: dict[str, Hardware] = {
-    "h800": Hardware(
-        name="h800",
-        bf16_tflops=989.4,
-        fp8_tflops=1978.9,
-        num_sms=132,
-        hbm_gb=80.0,
-        hbm_tbps=3.35,
-        nvlink_gbps=200.0,
-        ib_gbps=50.0,
-        gpus_per_node=8,
-        comm_sms=20,
-        price_per_gpu_hour=2.0,
-    ),
-    "h100": Hardware(
-        name="h100",
-        bf16_tflops=989.4,
-        fp8_tflops=1978.9,
-        num_sms=132,
-        hbm_gb=80.0,
-        hbm_tbps=3.35,
-        nvlink_gbps=450.0,
-        ib_gbps=50.0,
-        gpus_per_node=8,
-        comm_sms=20,
-        price_per_gpu_hour=2.0,
-    ),
-    "h200": Hardware(
-        name="h200",
-        bf16_tflops=989.4,
-        fp8_tflops=1978.9,
-        num_sms=132,
-        hbm_gb=141.0,
-        hbm_tbps=4.8,
-        nvlink_gbps=450.0,
-        ib_gbps=50.0,
-        gpus_per_node=8,
-        comm_sms=20,
-        price_per_gpu_hour=2.0,
-    ),
+    "h800": _H800,
+    "h100": _H100,
+    "h200": replace(_H100, name="h200", hbm_gb=141.0, hbm_tbps=4.8),
 }
 
 
