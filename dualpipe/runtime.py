@@ -36,8 +36,6 @@ from dualpipe.overlap import (
     backward_steps,
     drive,
     forward_steps,
-    interleave,
-    sequential,
 )
 from dualpipe.p2p import (
     KIND_B,
@@ -450,17 +448,6 @@ class Engine:
 
         self._timed(a, run)
 
-    def _one_piece_each(self, a: Action) -> bool:
-        """Whether an F&B has nothing to interleave: the forward's module marks no communication point,
-        the backward's chunk was not cut at one, and the overlap is ``interleave`` or ``sequential``
-        (a user's overlap function is always called)."""
-        if self.overlap not in (interleave, sequential):
-            return False
-        if getattr(self.module_of[a.stage], "forward_pieces", None) is not None:
-            return False
-        ch = self.chunks.get((a.stage2, a.mb2))
-        return ch is not None and ch.graph is not None and ch.graph.pieces == 1
-
     def _do_FB(self, a: Action) -> None:
         inputs, needs = self._f_inputs(a.stage, a.mb)
         nxt = self.s.next_stage(a.stage)
@@ -481,12 +468,6 @@ class Engine:
             return (yield from steps)
 
         def run() -> None:
-            if self._one_piece_each(a):
-                # both halves are one piece and the overlap is a built-in one: either runs the forward
-                # to its end, then the backward; do that directly, without step iterators
-                forward_done(drive(self._forward_steps(a.stage, a.mb, inputs)))
-                self._after_backward(a.stage2, a.mb2, drive(backward()), split=False)
-                return
             f = _Tracked(self._forward_steps(a.stage, a.mb, inputs), on_done=forward_done)
             b = _Tracked(backward())
             self.overlap(f, b)
