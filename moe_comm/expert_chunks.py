@@ -76,7 +76,7 @@ def chunks_to_source(comm, y: torch.Tensor, handle, plan: ExpertChunkPlan, what:
     (received rows + a zero row, (T, K) index into them), like ``Dispatcher._pairs_to_source``."""
     y = y.contiguous()
     layout = handle.layout
-    offsets = layout.m_offsets.tolist()
+    offsets = layout.m_offsets_list  # host-side: no device read
     full = padded_rows(y, plan.num_pairs)
     pending = []
     for e, counts in enumerate(layout.counts_list):  # all launched first, then waited in order

@@ -85,7 +85,11 @@ class ContiguousLayout:
         self.m_offsets = torch.zeros(num_local + 1, dtype=torch.long, device=meta.device)
         self.m_offsets[1:] = aligned.cumsum(0)
         self.counts_list: list[int] = self.counts.tolist()
-        self.num_rows = int(self.m_offsets[-1])
+        # the same offsets on the host, from the counts already read (no second device read)
+        self.m_offsets_list: list[int] = [0]
+        for c in self.counts_list:
+            self.m_offsets_list.append(self.m_offsets_list[-1] + (c + align - 1) // align * align)
+        self.num_rows = self.m_offsets_list[-1]
         self.pos = self.m_offsets.index_select(0, local) + rank  # (P,) output row of each pair
         self.src_of_out = torch.full((self.num_rows,), R, dtype=torch.long, device=meta.device)
         self.src_of_out[self.pos] = self.pair_row

@@ -105,15 +105,22 @@ def sum_pairs_fp32(
     # the live rows (ascending) with each block's [lo, hi) range among them.
     plan: list = []
     is_live = index != unused
-    for k, n in enumerate(is_live.sum(0).tolist()):  # one count for all columns: no host sync per column
-        if n == 0:
-            plan.append(None)
-        elif n == T or (unused >= 0 and 2 * n >= T):
-            plan.append("dense")
-        else:
-            live = is_live[:, k].nonzero().squeeze(1)
-            edges = torch.arange(0, T + B, B, device=dev).clamp_(max=T)
-            plan.append((live, torch.searchsorted(live, edges).tolist()))
+    live_counts = is_live.sum(0).tolist()  # one count for all columns
+    for n in live_counts:
+        plan.append(None if n == 0 else "dense" if n == T or (unused >= 0 and 2 * n >= T) else "sparse")
+    sparse = [k for k, p in enumerate(plan) if p == "sparse"]
+    if sparse:
+        # every sparse column's live rows and per-block bounds with one more host read in all (not two per
+        # column): the live (column, row) pairs come out column-major with rows ascending, sized by the
+        # counts already read; the bounds are running sums of live rows per block of B rows
+        mask = is_live[:, sparse].t()  # (S, T)
+        sizes = [live_counts[k] for k in sparse]
+        rows_live = torch.nonzero_static(mask, size=sum(sizes))[:, 1].split(sizes)
+        nb = (T + B - 1) // B
+        per_block = torch.nn.functional.pad(mask, (0, nb * B - T)).view(len(sparse), nb, B).sum(2)
+        bounds = torch.nn.functional.pad(per_block.cumsum(1), (1, 0)).tolist()
+        for k, live, bd in zip(sparse, rows_live, bounds):
+            plan[k] = (live, bd)
     out = torch.empty((T, *tail), dtype=dtype, device=dev)
     acc_buf = torch.empty((B, *tail), dtype=torch.float32, device=dev)
     term_buf = picked_buf = None

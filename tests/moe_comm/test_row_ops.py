@@ -79,15 +79,15 @@ def _routing(T: int, K: int, N: int, unused: int, live_frac: list[float], seed: 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("weighted", [True, False])
 def test_sum_pairs_fp32_bitwise(monkeypatch, block_rows, dtype, weighted):
-    T, K, H, N = 29, 5, 24, 70
+    T, K, H, N = 29, 6, 24, 70
     monkeypatch.setattr(row_ops, "_BLOCK_BYTES", 4 * H * block_rows)
     rows = _rows(N + 1, H, dtype, seed=7)
     rows[N] = 0  # the appended zero row that unused slots point at
     rows[3] = -0.0  # negative zeros: a sum of -0 terms must still come out +0
     rows[5, :4] = -0.0
-    # dense, empty, sparse and half-live columns (the two gather paths), odd sizes, several blocks
-    index = _routing(T, K, N, N, [1.0, 0.0, 0.2, 0.6, 1.0], seed=8)
-    index[0] = torch.tensor([3, N, 3, 3, 5])  # row 0: only -0 terms
+    # dense, empty, sparse (two) and half-live columns (the two gather paths), odd sizes, several blocks
+    index = _routing(T, K, N, N, [1.0, 0.0, 0.2, 0.6, 1.0, 0.1], seed=8)
+    index[0] = torch.tensor([3, N, 3, 3, 5, N])  # row 0: only -0 terms
     weights = torch.rand(T, K, generator=torch.Generator().manual_seed(9)) if weighted else None
     got = sum_pairs_fp32(rows, index, weights, dtype)
     want = _reference_sum(rows, index, weights, dtype, N)
