@@ -20,8 +20,12 @@ Per schedule: median step time, measured bubble (emulated), simulated step and b
 rank's measured median
 action durations and the measured one-way P2P latency (this separates the runtime's own overhead
 from sleep overshoot and scheduler jitter on a shared host), in-flight activation peak measured (ours)
-and predicted (simulator), and ratios to torch's ScheduleDualPipeV and Schedule1F1B. Implementations
-are timed round-robin, one step each per round. Targets: emulated step within
+and predicted (simulator), and ratios to torch's ScheduleDualPipeV and Schedule1F1B. Real stages also
+time ``compute-only``: each rank's share of the compute (forward + backward of its two halves per
+micro-batch) with no communication, on all ranks at once, in the same rounds; ``x_concurrent_floor`` is
+a step over it (on a 2-core host two busy processes slow each other, so this floor sits well above the
+serial ``x_compute_bound``; torch's ``x_concurrent_floor`` is the most any runtime could gain over it).
+Implementations are timed round-robin, one step each per round. Targets: emulated step within
 5% of the simulator; real stages at least 1.25x faster than torch's ScheduleDualPipeV.
 """
 
@@ -174,6 +178,28 @@ def _torch(cfg: dict, name: str, rank: int, pp: int):
     return step
 
 
+def _floor(cfg: dict, name: str, rank: int, pp: int):
+    """Compute only: this rank's share of the model (the same two halves as a DualPipeV rank: every
+    schedule gives each rank 2 halves' work per micro-batch), forward then full backward per micro-batch,
+    no communication, on every rank at once -- the floor for any runtime on this host. The serial bound
+    (``_compute_bound``, one process alone) is lower when concurrent processes slow each other (shared
+    caches, memory bandwidth, a virtual machine's siblings)."""
+    mods = [_stage(cfg, s, 2 * pp) for s in (rank, 2 * pp - 1 - rank)]
+    xs = [x.clone().requires_grad_() for x in torch.tensor_split(cfg["x"], cfg["chunks"])]
+    ys = torch.tensor_split(cfg["y"], cfg["chunks"])
+
+    def step():
+        for m in mods:
+            for p in m.parameters():
+                p.grad = None
+        for x, y in zip(xs, ys):
+            for m in mods:
+                _loss(m(x), y).backward()
+        return {}
+
+    return step
+
+
 def _rank(rank: int, world: int, cfg: dict) -> list[dict]:
     """Build every implementation, then time them round-robin (one step each per round), so that load
     drifting on a shared host hits all of them alike. Every implementation runs with glibc reusing freed
@@ -182,7 +208,8 @@ def _rank(rank: int, world: int, cfg: dict) -> list[dict]:
     torch.set_num_threads(1)
     reuse_freed_cpu_memory()
     latency = _ping(rank, cfg["x"][: max(1, cfg["x"].shape[0] // cfg["chunks"])])
-    steps = [(_torch if name.startswith("torch") else _ours)(cfg, name, rank, world) for name in cfg["impls"]]
+    kinds = {"torch": _torch, "compute": _floor}
+    steps = [kinds.get(name.partition("-")[0], _ours)(cfg, name, rank, world) for name in cfg["impls"]]
     rows = [dict(impl=name, rank=rank, times=[], stats=[]) for name in cfg["impls"]]
     for it in range(cfg["warmup"] + cfg["iters"]):
         for step, row in zip(steps, rows):
@@ -261,11 +288,16 @@ def run(kind: str, args: argparse.Namespace) -> list[dict]:
     impls = ["dualpipe", "dualpipev", "1f1b", "zb1p", "torch-dualpipev", "torch-1f1b"]
     if kind == "real" and cfg["weight_split"] != "linear":  # also the opt-in Linear fast path
         impls[4:4] = ["dualpipev:linear", "zb1p:linear"]
+    if kind == "real":  # timed in the same rounds, so it sees the same load
+        impls.append("compute-only")
     cfg["impls"] = impls
     per_rank = run_ranks(_rank, pp, args=(cfg,), timeout=1800, pg_timeout=600)
     bound = _compute_bound(cfg) if kind == "real" else None
     rows = []
     for i, name in enumerate(impls):
+        if name == "compute-only":
+            rows.append(_floor_row(cfg, per_rank[0][i]["times"], bound))
+            continue
         times = per_rank[0][i]["times"]
         med = statistics.median(times)
         row: dict[str, Any] = dict(kind=kind, impl=name, pp=pp, chunks=chunks, step_ms=med * 1e3)
@@ -315,7 +347,18 @@ def run(kind: str, args: argparse.Namespace) -> list[dict]:
     for r in rows:
         r["vs_torch_dualpipev"] = by["torch-dualpipev"] / r["step_ms"]
         r["vs_torch_1f1b"] = by["torch-1f1b"] / r["step_ms"]
+        if "compute-only" in by:
+            r["x_concurrent_floor"] = r["step_ms"] / by["compute-only"]
     return rows
+
+
+def _floor_row(cfg: dict, times: list[float], bound: float | None) -> dict[str, Any]:
+    med = statistics.median(times)
+    row: dict[str, Any] = dict(kind=cfg["kind"], impl="compute-only", pp=cfg["pp"], chunks=cfg["chunks"])
+    row.update(step_ms=med * 1e3, step_min_ms=min(times) * 1e3)
+    if bound is not None:
+        row["x_compute_bound"] = med / bound
+    return row
 
 
 def _compute_bound(cfg: dict) -> float:
@@ -368,9 +411,14 @@ def main() -> None:
     if emu:
         summary["emulated_max_abs_dev_from_sim"] = max(abs(r["meas/sim"] - 1) for r in emu)
         summary["emulated_max_abs_dev_from_calibrated_sim"] = max(abs(r["meas/sim_cal"] - 1) for r in emu)
-    real = [r for r in rows if r["kind"] == "real" and not r["impl"].startswith("torch")]
+    real = [r for r in rows if r["kind"] == "real" and not r["impl"].startswith(("torch", "compute"))]
     if real:
         summary["real_speedup_vs_torch_dualpipev"] = {r["impl"]: r["vs_torch_dualpipev"] for r in real}
+        # the most any runtime could gain over torch's DualPipeV: its step over the compute-only floor
+        floor = [r for r in rows if r["impl"] == "compute-only"]
+        tdv = [r for r in rows if r["kind"] == "real" and r["impl"] == "torch-dualpipev"]
+        if floor and tdv:
+            summary["real_torch_dualpipev_x_concurrent_floor"] = tdv[0]["x_concurrent_floor"]
     print("\nsummary:", summary)
     out = write_results("bench_pipeline", rows, summary=summary, args=vars(args), out=args.out)
     print(f"wrote {out}")
