@@ -295,9 +295,6 @@ def run(kind: str, args: argparse.Namespace) -> list[dict]:
     bound = _compute_bound(cfg) if kind == "real" else None
     rows = []
     for i, name in enumerate(impls):
-        if name == "compute-only":
-            rows.append(_floor_row(cfg, per_rank[0][i]["times"], bound))
-            continue
         times = per_rank[0][i]["times"]
         med = statistics.median(times)
         row: dict[str, Any] = dict(kind=kind, impl=name, pp=pp, chunks=chunks, step_ms=med * 1e3)
@@ -330,7 +327,7 @@ def run(kind: str, args: argparse.Namespace) -> list[dict]:
                 row["p2p_lat_ms"] = per_rank[0][i]["latency"] * 1e3
                 row["sim_cal_ms"] = cal.step_time * 1e3
                 row["meas/sim_cal"] = row["step_ms"] / row["sim_cal_ms"]
-        if not name.startswith("torch"):
+        if not name.startswith(("torch", "compute")):  # our pipelines' own statistics
             peaks = [r[i]["stats"][-1]["peak_activations"] for r in per_rank]
             row["act_peak_meas"] = max(peaks)
             bubbles = [statistics.median(s["bubble"] for s in r[i]["stats"]) for r in per_rank]
@@ -350,15 +347,6 @@ def run(kind: str, args: argparse.Namespace) -> list[dict]:
         if "compute-only" in by:
             r["x_concurrent_floor"] = r["step_ms"] / by["compute-only"]
     return rows
-
-
-def _floor_row(cfg: dict, times: list[float], bound: float | None) -> dict[str, Any]:
-    med = statistics.median(times)
-    row: dict[str, Any] = dict(kind=cfg["kind"], impl="compute-only", pp=cfg["pp"], chunks=cfg["chunks"])
-    row.update(step_ms=med * 1e3, step_min_ms=min(times) * 1e3)
-    if bound is not None:
-        row["x_compute_bound"] = med / bound
-    return row
 
 
 def _compute_bound(cfg: dict) -> float:

@@ -81,14 +81,13 @@ class ContiguousLayout:
             rank = torch.empty_like(rank_seq)
             rank[seq] = rank_seq
         self.counts = counts[:num_local]
-        aligned = (self.counts + align - 1) // align * align
-        self.m_offsets = torch.zeros(num_local + 1, dtype=torch.long, device=meta.device)
-        self.m_offsets[1:] = aligned.cumsum(0)
         self.counts_list: list[int] = self.counts.tolist()
-        # the same offsets on the host, from the counts already read (no second device read)
+        # group offsets (each group padded to ``align``) from the counts just read: on the host, then once
+        # to the device
         self.m_offsets_list: list[int] = [0]
         for c in self.counts_list:
             self.m_offsets_list.append(self.m_offsets_list[-1] + (c + align - 1) // align * align)
+        self.m_offsets = torch.tensor(self.m_offsets_list, dtype=torch.long, device=meta.device)
         self.num_rows = self.m_offsets_list[-1]
         self.pos = self.m_offsets.index_select(0, local) + rank  # (P,) output row of each pair
         self.src_of_out = torch.full((self.num_rows,), R, dtype=torch.long, device=meta.device)
