@@ -210,17 +210,22 @@ def _rank(rank: int, world: int, cfg: dict) -> list[dict]:
     latency = _ping(rank, cfg["x"][: max(1, cfg["x"].shape[0] // cfg["chunks"])])
     kinds = {"torch": _torch, "compute": _floor}
     steps = [kinds.get(name.partition("-")[0], _ours)(cfg, name, rank, world) for name in cfg["impls"]]
-    rows = [dict(impl=name, rank=rank, times=[], stats=[]) for name in cfg["impls"]]
+    rows = [dict(impl=name, rank=rank, times=[], stats=[], cpu_main=[], cpu_proc=[]) for name in cfg["impls"]]
     for it in range(cfg["warmup"] + cfg["iters"]):
         for step, row in zip(steps, rows):
             dist.barrier()
-            t0 = time.perf_counter()
+            t0, c0, p0 = time.perf_counter(), time.thread_time(), time.process_time()
             st = step()
+            c1, p1 = time.thread_time(), time.process_time()
             t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             if it >= cfg["warmup"]:
                 row["times"].append(float(t))
                 row["stats"].append(st)
+                # CPU this rank spent in the step: on the calling thread, and in the whole process (the
+                # runtime's and the backend's communication threads too)
+                row["cpu_main"].append(c1 - c0)
+                row["cpu_proc"].append(p1 - p0)
     for row in rows:
         row["latency"] = latency
     return rows
@@ -290,6 +295,11 @@ def run(kind: str, args: argparse.Namespace) -> list[dict]:
         impls[4:4] = ["dualpipev:linear", "zb1p:linear"]
     if kind == "real":  # timed in the same rounds, so it sees the same load
         impls.append("compute-only")
+    if args.impls:  # a subset; torch's DualPipeV always (every ratio is to it)
+        unknown = sorted(set(args.impls) - set(impls))
+        if unknown:
+            raise SystemExit(f"--impls: {unknown} are not among the {kind}-stage rows {impls}")
+        impls = [i for i in impls if i in args.impls or i == "torch-dualpipev"]
     cfg["impls"] = impls
     per_rank = run_ranks(_rank, pp, args=(cfg,), timeout=1800, pg_timeout=600)
     bound = _compute_bound(cfg) if kind == "real" else None
@@ -299,6 +309,14 @@ def run(kind: str, args: argparse.Namespace) -> list[dict]:
         med = statistics.median(times)
         row: dict[str, Any] = dict(kind=kind, impl=name, pp=pp, chunks=chunks, step_ms=med * 1e3)
         row["step_min_ms"] = min(times) * 1e3
+        # medians over the steps, the busiest rank: where a step's time goes besides the compute
+        row["cpu_main_ms"] = max(statistics.median(r[i]["cpu_main"]) for r in per_rank) * 1e3
+        row["cpu_other_ms"] = (
+            max(
+                statistics.median(p - c for p, c in zip(r[i]["cpu_proc"], r[i]["cpu_main"])) for r in per_rank
+            )
+            * 1e3
+        )
         sched_name = name.replace("torch-", "").partition(":")[0]
         if kind == "emulated":
             k = 2 if sched_name == "dualpipev" else 1  # DualPipeV: 2pp stages of half the cost
@@ -343,7 +361,8 @@ def run(kind: str, args: argparse.Namespace) -> list[dict]:
     by = {r["impl"]: r["step_ms"] for r in rows}
     for r in rows:
         r["vs_torch_dualpipev"] = by["torch-dualpipev"] / r["step_ms"]
-        r["vs_torch_1f1b"] = by["torch-1f1b"] / r["step_ms"]
+        if "torch-1f1b" in by:
+            r["vs_torch_1f1b"] = by["torch-1f1b"] / r["step_ms"]
         if "compute-only" in by:
             r["x_concurrent_floor"] = r["step_ms"] / by["compute-only"]
     return rows
@@ -384,6 +403,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5, help="timed rounds, emulated stages (~2.5 s a step)")
     ap.add_argument("--iters-real", type=int, default=30, help="timed rounds, real stages (noisy host)")
+    ap.add_argument("--impls", nargs="+", default=None, help="time only these rows (and torch-dualpipev)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/, for GPU results)")
     args = ap.parse_args()
     rows: list[dict] = []
