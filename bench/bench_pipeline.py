@@ -210,7 +210,9 @@ def _rank(rank: int, world: int, cfg: dict) -> list[dict]:
     latency = _ping(rank, cfg["x"][: max(1, cfg["x"].shape[0] // cfg["chunks"])])
     kinds = {"torch": _torch, "compute": _floor}
     steps = [kinds.get(name.partition("-")[0], _ours)(cfg, name, rank, world) for name in cfg["impls"]]
-    rows = [dict(impl=name, rank=rank, times=[], stats=[], cpu_main=[], cpu_proc=[]) for name in cfg["impls"]]
+    rows = [
+        dict(impl=name, rank=rank, times=[], stats=[], cpu_main=[], cpu_other=[]) for name in cfg["impls"]
+    ]
     for it in range(cfg["warmup"] + cfg["iters"]):
         for step, row in zip(steps, rows):
             dist.barrier()
@@ -222,10 +224,10 @@ def _rank(rank: int, world: int, cfg: dict) -> list[dict]:
             if it >= cfg["warmup"]:
                 row["times"].append(float(t))
                 row["stats"].append(st)
-                # CPU this rank spent in the step: on the calling thread, and in the whole process (the
-                # runtime's and the backend's communication threads too)
+                # CPU this rank spent in the step: on the calling thread, and on the process's other
+                # threads (the runtime's and the backend's communication threads)
                 row["cpu_main"].append(c1 - c0)
-                row["cpu_proc"].append(p1 - p0)
+                row["cpu_other"].append((p1 - p0) - (c1 - c0))
     for row in rows:
         row["latency"] = latency
     return rows
@@ -310,13 +312,8 @@ def run(kind: str, args: argparse.Namespace) -> list[dict]:
         row: dict[str, Any] = dict(kind=kind, impl=name, pp=pp, chunks=chunks, step_ms=med * 1e3)
         row["step_min_ms"] = min(times) * 1e3
         # medians over the steps, the busiest rank: where a step's time goes besides the compute
-        row["cpu_main_ms"] = max(statistics.median(r[i]["cpu_main"]) for r in per_rank) * 1e3
-        row["cpu_other_ms"] = (
-            max(
-                statistics.median(p - c for p, c in zip(r[i]["cpu_proc"], r[i]["cpu_main"])) for r in per_rank
-            )
-            * 1e3
-        )
+        for k in ("cpu_main", "cpu_other"):
+            row[k + "_ms"] = max(statistics.median(r[i][k]) for r in per_rank) * 1e3
         sched_name = name.replace("torch-", "").partition(":")[0]
         if kind == "emulated":
             k = 2 if sched_name == "dualpipev" else 1  # DualPipeV: 2pp stages of half the cost
