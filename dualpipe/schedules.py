@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 class Op(str, enum.Enum):
@@ -482,16 +482,7 @@ def forward_only(schedule: Schedule) -> Schedule:
             elif a.op is Op.FB:
                 keep.append(Action(Op.F, a.stage, a.mb))
         acts.append(tuple(keep))
-    return Schedule(
-        name=schedule.name + "/forward",
-        num_ranks=schedule.num_ranks,
-        num_microbatches=schedule.num_microbatches,
-        stage_rank=schedule.stage_rank,
-        stage_model=schedule.stage_model,
-        chains=schedule.chains,
-        mb_chain=schedule.mb_chain,
-        actions=tuple(acts),
-    )
+    return replace(schedule, name=schedule.name + "/forward", actions=tuple(acts))
 
 
 # Validation lives in dualpipe/validate.py (re-exported here; it needs the types above).
