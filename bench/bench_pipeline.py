@@ -135,7 +135,9 @@ def _ours(cfg: dict, impl: str, rank: int, pp: int):
         mods = (_stage(cfg, rank, 2 * pp), _stage(cfg, 2 * pp - 1 - rank, 2 * pp))
     else:
         mods = _stage(cfg, rank, pp)
-    pipe = OURS[name](mods, weight_split=split or cfg["weight_split"], timeout_s=120)
+    pipe = OURS[name](
+        mods, weight_split=split or cfg["weight_split"], timeout_s=120, early_send=cfg["early_send"]
+    )
     x, y = cfg["x"], cfg["y"]
     is_first = rank == 0 or (name == "dualpipe" and rank == pp - 1)
 
@@ -146,6 +148,8 @@ def _ours(cfg: dict, impl: str, rank: int, pp: int):
         pipe.step(*args, num_chunks=cfg["chunks"], criterion=_loss, labels=(y,))
         return dict(pipe.stats, timeline=pipe.timeline)
 
+    while pipe.early_send is None:  # early_send="auto": its trial steps, before any timed round
+        step()
     return step
 
 
@@ -281,7 +285,14 @@ def run(kind: str, args: argparse.Namespace) -> list[dict]:
     pp = args.pp if kind == "emulated" else args.pp_real
     chunks = args.chunks if kind == "emulated" else args.chunks_real
     iters = args.iters if kind == "emulated" else args.iters_real
-    cfg: dict[str, Any] = dict(kind=kind, pp=pp, chunks=chunks, warmup=args.warmup, iters=iters)
+    cfg: dict[str, Any] = dict(
+        kind=kind,
+        pp=pp,
+        chunks=chunks,
+        warmup=args.warmup,
+        iters=iters,
+        early_send={"auto": "auto", "on": True, "off": False}[args.early_send],
+    )
     if kind == "emulated":
         cfg.update(f=args.f_ms / 1e3, b=args.b_ms / 1e3, w=args.w_ms / 1e3, weight_split="generic")
         cfg["x"] = torch.randn(
@@ -318,13 +329,15 @@ def run(kind: str, args: argparse.Namespace) -> list[dict]:
         if kind == "emulated":
             k = 2 if sched_name == "dualpipev" else 1  # DualPipeV: 2pp stages of half the cost
             c = Costs(f=cfg["f"] / k, b=cfg["b"] / k, w=cfg["w"] / k)
-            sim = simulate(build(sched_name, pp, chunks), c, fb_halves=not name.startswith("torch"))
-            # the nominal prediction: the emulated costs plus the measured one-way P2P latency (a real
-            # transfer takes time; the costs alone would assume it is free); ours priced as our runtime
-            # runs an F&B (fb_halves: early sends, the gradient awaited at the backward half)
+            # ours priced as our runtime runs an F&B (early sends: the activation leaves after the forward
+            # half, the gradient is awaited at the backward half; --no-early-send: the plain model)
             ours = not name.startswith("torch")
+            halves = ours and per_rank[0][i]["stats"][-1]["early_send"]
+            sim = simulate(build(sched_name, pp, chunks), c, fb_halves=halves)
+            # the nominal prediction: the emulated costs plus the measured one-way P2P latency (a real
+            # transfer takes time; the costs alone would assume it is free)
             lat = per_rank[0][i]["latency"]
-            sim_lat = simulate(build(sched_name, pp, chunks), replace(c, p2p_latency=lat), fb_halves=ours)
+            sim_lat = simulate(build(sched_name, pp, chunks), replace(c, p2p_latency=lat), fb_halves=halves)
             # every schedule gives each rank one stage's worth of work per micro-batch
             row["busy_ms"] = chunks * (cfg["f"] + cfg["b"]) * 1e3
             row["bubble_meas"] = 1 - row["busy_ms"] / row["step_ms"]
@@ -336,13 +349,13 @@ def run(kind: str, args: argparse.Namespace) -> list[dict]:
             row["act_peak_pred"] = max(sim.peak_activations)
             if not name.startswith("torch"):
                 tls = [r[i]["stats"][-1]["timeline"] for r in per_rank]
-                cal = simulate(
-                    build(sched_name, pp, chunks), _calibrated(tls, per_rank[0][i]["latency"]), fb_halves=True
-                )
+                cal_costs = _calibrated(tls, per_rank[0][i]["latency"])
+                cal = simulate(build(sched_name, pp, chunks), cal_costs, fb_halves=halves)
                 row["p2p_lat_ms"] = per_rank[0][i]["latency"] * 1e3
                 row["sim_cal_ms"] = cal.step_time * 1e3
                 row["meas/sim_cal"] = row["step_ms"] / row["sim_cal_ms"]
         if not name.startswith(("torch", "compute")):  # our pipelines' own statistics
+            row["early_send"] = per_rank[0][i]["stats"][-1]["early_send"]
             peaks = [r[i]["stats"][-1]["peak_activations"] for r in per_rank]
             row["act_peak_meas"] = max(peaks)
             bubbles = [statistics.median(s["bubble"] for s in r[i]["stats"]) for r in per_rank]
@@ -397,6 +410,14 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=16, help="rows per micro-batch (real stages)")
     ap.add_argument("--blocks", type=int, default=1, help="MLP blocks per model half (real stages)")
     ap.add_argument("--weight-split", default="generic", choices=["generic", "linear", "none"])
+    ap.add_argument(
+        "--early-send",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="our DualPipe/DualPipeV: an F&B's activation leaves after its forward half (on), with its "
+        "gradient at the end (off), or whichever the pipeline timed faster on its first steps (auto, the "
+        "default; those steps run before the timed rounds)",
+    )
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5, help="timed rounds, emulated stages (~2.5 s a step)")
     ap.add_argument("--iters-real", type=int, default=30, help="timed rounds, real stages (noisy host)")

@@ -23,11 +23,15 @@ stage are summed, ``tied`` parameters are summed, and with ``dp_group`` the grad
 (averaged unless ``dp_average=False``). ``pipe.timeline`` holds this rank's events of the last step
 (``dualpipe.trace.Event``), ``pipe.stats`` its step time, busy time, bubble and activation peaks.
 
-Messages: back-to-back sends to one peer travel as one (``coalesce=True``), and an F&B action sends its
-forward half's activation as soon as that half is done, awaiting its backward half's gradient only when
-that half starts (``early_send=True``; ``dualpipe.coalesce``). DualPipe's mirror exchange of a module
-starts right after its last weight-gradient action (gloo; with NCCL, after the step). All ranks must
-pass the same ``coalesce`` and ``early_send`` (checked at construction).
+Messages: back-to-back sends to one peer travel as one (``coalesce=True``). An F&B action's activation
+either leaves as soon as its forward half is done, the backward half's gradient awaited only when that
+half starts (``early_send=True``: the neighbour's next F&B starts sooner, one more message per F&B
+pair), or leaves at the action's end with the gradient for the same neighbour, as one message
+(``early_send=False``). Which is faster depends on the stage size and the transport, so the default
+``early_send="auto"`` times both on the first training steps and keeps the faster
+(``dualpipe.tuning``; ``pipe.early_send`` is the decision, None until made). All ranks must pass the
+same ``coalesce`` and ``early_send`` (checked at construction). DualPipe's mirror exchange of a module
+starts right after its last weight-gradient action (gloo; with NCCL, after the step).
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from dualpipe.runtime import Engine, StepIO
 from dualpipe.schedules import Schedule, build, forward_only
 from dualpipe.simulate import Costs, SimResult, StageCosts, simulate
 from dualpipe.trace import Event
+from dualpipe.tuning import EarlySendTuner
 from dualpipe.weight_split import enable_linear_fast_path, make_policy
 
 DEFAULT_TIMEOUT_S = float(os.environ.get("FRUGAL_PP_TIMEOUT_S", "300"))
@@ -87,7 +92,7 @@ class Pipeline(nn.Module):
         dp_average: bool = True,
         timeout_s: float | None = None,
         coalesce: bool = True,
-        early_send: bool = True,
+        early_send: bool | str = "auto",
     ):
         super().__init__()
         name = type(self).__name__
@@ -129,10 +134,14 @@ class Pipeline(nn.Module):
         params = [p for m in mods for p in m.parameters()]
         self.device = params[0].device if params else torch.device("cpu")
         self._schedules: dict[tuple[int, bool], Schedule] = {}
-        self._groups: dict[tuple[int, bool], dict] = {}
         self.coalesce = coalesce
-        self.early_send = early_send  # F&B actions send their activation mid-action (dualpipe.coalesce)
-        self._early: dict[tuple[int, bool], frozenset] = {}
+        if not (isinstance(early_send, bool) or early_send == "auto"):
+            raise ValueError(f"{name}: early_send={early_send!r} must be True, False or 'auto'")
+        self.early_send_setting = early_send
+        # only DualPipe's and DualPipeV's F&B actions have an activation to send early
+        fb = self.schedule_name in ("dualpipe", "dualpipev")
+        self._tuner = EarlySendTuner() if early_send == "auto" and fb else None
+        self._plans: dict[tuple[int, bool, bool], tuple[frozenset, dict]] = {}  # (key, early) -> plan
         self._step_id = 0
         self._meta: dict = {}  # boundary shapes per (kind, stage, micro-batch), shared with the peers' copy
         self.timeline: list[Event] = []
@@ -163,7 +172,8 @@ class Pipeline(nn.Module):
         sigs = [_signature(m) for m in self.module] + [(0, 0, 0)] * (2 - len(self.module))
         vec = [_CODES[self.schedule_name], self.pp, len(self.module), _SPLIT_CODES[self.weight_split]]
         vec += [x for s in sigs for x in s]
-        vec.append(2 * int(self.coalesce) + int(self.early_send))  # both sides derive messages from these
+        early_code = {False: 0, True: 1, "auto": 2}[self.early_send_setting]
+        vec.append(4 * int(self.coalesce) + early_code)  # both sides derive messages from these
         got = self._gather(vec, self.group)
         for r, v in enumerate(got):
             if v[:3] != vec[:3]:
@@ -174,7 +184,8 @@ class Pipeline(nn.Module):
             if v[-1] != vec[-1]:
                 raise ValueError(
                     f"{name}: ranks disagree on the messages: rank {self.rank} has (coalesce, early_send) = "
-                    f"{(self.coalesce, self.early_send)}, rank {r} has {(bool(v[-1] & 2), bool(v[-1] & 1))}"
+                    f"{(self.coalesce, self.early_send_setting)}, rank {r} has "
+                    f"{(bool(v[-1] & 4), [False, True, 'auto'][v[-1] & 3])}"
                 )
         if self.schedule_name == "dualpipe":
             for r in range(self.pp):
@@ -259,14 +270,46 @@ class Pipeline(nn.Module):
                     f"ranks: {e}"
                 ) from None
             self._schedules[key] = forward_only(sched) if forward else sched
-            early = early_sends(self._schedules[key]) if self.early_send else frozenset()
-            self._early[key] = early
-            self._groups[key] = message_groups(self._schedules[key], early) if self.coalesce else {}
         return self._schedules[key]
+
+    def _plan(self, num_chunks: int, forward: bool, early: bool) -> tuple[frozenset, dict]:
+        """(early-sent message keys, coalesced groups) of a schedule under one message plan."""
+        pk = (num_chunks, forward, early)
+        if pk not in self._plans:
+            sched = self.schedule(num_chunks, forward)
+            keys = early_sends(sched) if early else frozenset()
+            self._plans[pk] = (keys, message_groups(sched, keys) if self.coalesce else {})
+        return self._plans[pk]
+
+    @property
+    def early_send(self) -> bool | None:
+        """Whether F&B actions send their activation early (``True``/``False`` as constructed, or the
+        ``"auto"`` decision; ``None`` while the first training steps still time both plans)."""
+        if self._tuner is None:
+            return self.early_send_setting is True
+        return self._tuner.decided
+
+    def _decide_early_send(self) -> None:
+        """All trials timed: sum them over the pipeline's ranks (one all-reduce) and decide."""
+        tuner = self._tuner
+        assert tuner is not None
+        nccl = dist.get_backend(self.group) == "nccl"
+        dev = torch.device("cuda", torch.cuda.current_device()) if nccl else None
+        t = torch.tensor(tuner.times, dtype=torch.float64, device=dev)
+        work = dist.all_reduce(t, group=self.group, async_op=True)
+        try:
+            work.wait(timeout=timedelta(seconds=self.p2p.timeout_s))
+        except Exception as e:  # noqa: BLE001
+            raise PeerError(
+                f"{type(self).__name__} pipeline rank {self.rank}: agreeing on early_send='auto' failed or "
+                f"timed out: {e}"
+            ) from e
+        tuner.decide(t.tolist())
 
     def simulate(self, num_chunks: int, costs: Costs | Sequence[Costs] | StageCosts) -> SimResult:
         """Price this pipeline's schedule (e.g. to draw it beside ``self.timeline``)."""
-        return simulate(self.schedule(num_chunks), costs, check=False, fb_halves=self.early_send)
+        early = self.early_send
+        return simulate(self.schedule(num_chunks), costs, check=False, fb_halves=early is None or early)
 
     # ---------------------------------------------------------------------------------------------------
     # step
@@ -324,7 +367,12 @@ class Pipeline(nn.Module):
         self._step_id += 1
         io = StepIO(mb_inputs, mb_labels, criterion, return_outputs, (num_chunks, self._step_id))
         t0 = time.perf_counter()
-        key = (num_chunks, not grad)
+        if grad and self._tuner is not None:  # "auto": a trial step, or the decision once made
+            early = self._tuner.next_mode()
+            trial = self._tuner.timing
+        else:  # forward-only schedules have no F&B actions: the plan does not matter
+            early, trial = self.early_send is not False, False
+        early_keys, groups = self._plan(num_chunks, not grad, early)
         mirror = None
         if grad and self.schedule_name == "dualpipe" and dist.get_backend(self.group) != "nccl":
             # each module's mirror exchange starts after its last weight-gradient action (P2P matched by
@@ -338,8 +386,8 @@ class Pipeline(nn.Module):
             self.overlap,
             self.device,
             self._meta,
-            self._groups[key],
-            self._early[key],
+            groups,
+            early_keys,
             mirror.start if mirror is not None else None,
         )
         res = engine.run(io)
@@ -356,7 +404,10 @@ class Pipeline(nn.Module):
             bubble=res["bubble"],
             peak_activations=res["peak_activations"],
             peak_activations_until_w=res["peak_activations_until_w"],
+            early_send=early,
         )
+        if trial and self._tuner.record(self.stats["step_time"]):  # type: ignore[union-attr]
+            self._decide_early_send()
         return loss, outputs
 
     def _reduce_grads(self, mirror: MirrorExchange | None = None) -> None:

@@ -156,6 +156,11 @@ def _rank_two(rank, world):
     rc = _train(_build("dualpipev", world, rank, "generic", coalesce=False), 5)
     # ... and with F&B activations sent after the action (coalesced with the gradient) instead of early
     rl = _train(_build("dualpipev", world, rank, "generic", early=False), 5)
+    # early_send="auto" (the default): 1 untimed and 10 timed steps alternating the two message plans,
+    # then one decision on every rank; every step computes the same gradients whatever its plan
+    pa = _build("dualpipev", world, rank, "generic", early="auto")
+    auto_steps = [_train(pa, 5) for _ in range(12)]
+    auto = (auto_steps[6], auto_steps[-1], [st["stats"]["early_send"] for st in auto_steps], pa.early_send)
     # a user's overlap function is called once per F&B action (and trains like the default)
     _OVERLAP_CALLS.clear()
     po = _build("dualpipev", world, rank, "generic", overlap=_counting_overlap)
@@ -185,6 +190,7 @@ def _rank_two(rank, world):
         n17=ra3,
         uncoalesced=rc,
         late=rl,
+        auto=auto,
         user_overlap=ro,
         trace=(spans, train_timeline, n_compute),
         gathered=gathered,
@@ -214,6 +220,12 @@ def test_pp2_all_schedules_splits_ties_overlap_two_pipelines_forward_only(tmp_pa
     _check([[rr["uncoalesced"]] for rr in res], ("dualpipev", "generic", "plain", False, 5), 0)
     _check([[rr["late"]] for rr in res], ("dualpipev", "generic", "plain", False, 5), 0)
     _check([[rr["user_overlap"]] for rr in res], ("dualpipev", "generic", "plain", False, 5), 0)
+    for k in (0, 1):  # a coalesced trial step and a step after the decision
+        _check([[rr["auto"][k]] for rr in res], ("dualpipev", "generic", "plain", False, 5), 0)
+    decisions = {rr["auto"][3] for rr in res}
+    assert len(decisions) == 1 and decisions <= {True, False}
+    d = decisions.pop()
+    assert all(rr["auto"][2] == [True] + [True, False] * 5 + [d] for rr in res)
     for rr in res:
         calls, n_fb = rr["user_overlap"]["overlap_calls"]
         assert calls == n_fb > 0

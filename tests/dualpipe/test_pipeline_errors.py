@@ -50,6 +50,11 @@ def _rank_bad_inputs(rank, world):
     msgs["count"] = _expect(
         lambda: DualPipe(Stage(rank), process_group=pair), ValueError, r"takes 2 nn.Module"
     )
+    msgs["early"] = _expect(
+        lambda: DualPipeV((Stage(rank), Stage(3 - rank)), process_group=pair, early_send="yes"),
+        ValueError,
+        r"early_send='yes' must be True, False or 'auto'",
+    )
     pipe = DualPipe((Stage(rank), Stage(1 - rank)), process_group=pair, timeout_s=30)
     x, z, ids, y = batch(13)
     # too few micro-batches: DualPipe needs num_chunks >= 2 * pp and even
@@ -92,6 +97,7 @@ def test_bad_inputs_raise_clearly():
             "odd_chunks",
             "no_criterion",
             "small_batch",
+            "early",
         }
 
 
