@@ -65,8 +65,9 @@ class Meta:
     requires_grad: bool
 
 
-def encode_header(tensors: Sequence[Tensor], fields: Sequence[int], device: torch.device) -> Tensor:
-    """``[magic, len(fields), *fields, n, (dtype, requires_grad, ndim, *shape) per tensor, 0...]``."""
+def header_words(tensors: Sequence[Tensor], fields: Sequence[int]) -> list[int]:
+    """``[magic, len(fields), *fields, n, (dtype, requires_grad, ndim, *shape) per tensor]``: the header's
+    used words (at most ``HEADER_LEN``; the rest of its ``HEADER_LEN`` words travel as zeros)."""
     h = [_MAGIC, len(fields), *fields, len(tensors)]
     for i, t in enumerate(tensors):
         if not isinstance(t, Tensor):
@@ -79,7 +80,7 @@ def encode_header(tensors: Sequence[Tensor], fields: Sequence[int], device: torc
             f"boundary of {len(tensors)} tensors with shapes {[tuple(t.shape) for t in tensors]} needs "
             f"{len(h)} header words > HEADER_LEN={HEADER_LEN}; send fewer tensors or dimensions"
         )
-    return torch.tensor(h + [0] * (HEADER_LEN - len(h)), dtype=torch.int64, device=device)
+    return h
 
 
 def decode_header(h: Tensor) -> tuple[list[int], list[Meta]]:
@@ -246,17 +247,39 @@ def packed_layout(metas: Sequence[Meta], base: int) -> tuple[list[int], int]:
     return offs, _align(off)
 
 
-def pack(tensors: Sequence[Tensor], metas: Sequence[Meta], header: Tensor | None, device) -> Tensor:
-    """One uint8 buffer: [header][tensor 0][tensor 1]..., every piece 16-byte aligned."""
-    base = HEADER_BYTES if header is not None else 0
-    offs, total = packed_layout(metas, base)
-    buf = torch.empty(total, dtype=torch.uint8, device=device)
+_ZEROS: dict[torch.device, Tensor] = {}  # per device: HEADER_BYTES zero bytes, sliced for padding
+
+
+def _zeros(n: int, device: torch.device) -> Tensor:
+    z = _ZEROS.get(device)
+    if z is None:
+        z = _ZEROS[device] = torch.zeros(HEADER_BYTES, dtype=torch.uint8, device=device)
+    return z[:n]
+
+
+def pack(tensors: Sequence[Tensor], header: Sequence[int] | None, device: torch.device) -> Tensor:
+    """One uint8 buffer: [header (``HEADER_BYTES``)][tensor 0][tensor 1]..., every piece 16-byte aligned
+    (the layout of ``packed_layout``), zero padded; ``header``: the words of ``header_words``. One
+    concatenation: on a CPU host this costs about a third of filling a buffer piece by piece."""
+    device = torch.device(device)
+    pieces: list[Tensor] = []
+    off = 0
     if header is not None:
-        buf[:HEADER_BYTES].view(torch.int64).copy_(header)
-    for t, m, o in zip(tensors, metas, offs):
-        n = t.numel() * t.element_size()
-        buf[o : o + n].view(m.dtype).copy_(t.detach().reshape(-1))
-    return buf
+        words = torch.tensor(header, dtype=torch.int64, device=device).view(torch.uint8)
+        pieces += [words, _zeros(HEADER_BYTES - words.numel(), device)]
+        off = HEADER_BYTES
+    for t in tensors:
+        if off % _ALIGN:
+            pieces.append(_zeros(_ALIGN - off % _ALIGN, device))
+            off = _align(off)
+        data = t.detach().contiguous().view(-1).view(torch.uint8)
+        pieces.append(data)
+        off += data.numel()
+    if off % _ALIGN:
+        pieces.append(_zeros(_ALIGN - off % _ALIGN, device))
+    if not pieces:
+        return torch.empty(0, dtype=torch.uint8, device=device)
+    return torch.cat(pieces)
 
 
 def unpack(buf: Tensor, metas: Sequence[Meta], base: int) -> list[Tensor]:
@@ -361,16 +384,16 @@ def send_boundary(
     prev = cache.get(key)
     fresh = prev != metas
     device = tensors[0].device if tensors else torch.device("cpu")
-    header = encode_header(tensors, [*fields, int(fresh)], device)
+    header = header_words(tensors, [*fields, int(fresh)])
     tag0, tag1 = make_tag(kind, stage, mb, 0), make_tag(kind, stage, mb, 1)
     if not fresh:
-        buf = pack(tensors, metas, header, device)
+        buf = pack(tensors, header, device)
         out = [(p2p.isend(buf, peer, tag0), buf)]
     else:
         size = packed_layout(prev, HEADER_BYTES)[1] if prev is not None else HEADER_BYTES
         first = torch.zeros(size, dtype=torch.uint8, device=device)
-        first[:HEADER_BYTES].view(torch.int64).copy_(header)
-        data = pack(tensors, metas, header, device)
+        first[: 8 * len(header)].view(torch.int64).copy_(torch.tensor(header, dtype=torch.int64))
+        data = pack(tensors, header, device)
         out = [(p2p.isend(first, peer, tag0), first), (p2p.isend(data, peer, tag1), data)]
     cache[key] = metas
     return out
@@ -402,6 +425,5 @@ def send_tensors(p2p: P2P, tensors: Sequence[Tensor], peer: int, tag: int) -> li
     if len(tensors) == 1:
         t = tensors[0].detach().contiguous()
     else:
-        metas = [Meta(tuple(x.shape), x.dtype, False) for x in tensors]
-        t = pack(tensors, metas, None, tensors[0].device)
+        t = pack(tensors, None, tensors[0].device)
     return [(p2p.isend(t, peer, tag), t)]
