@@ -392,7 +392,7 @@ def send_boundary(
     else:
         size = packed_layout(prev, HEADER_BYTES)[1] if prev is not None else HEADER_BYTES
         first = torch.zeros(size, dtype=torch.uint8, device=device)
-        first[: 8 * len(header)].view(torch.int64).copy_(torch.tensor(header, dtype=torch.int64))
+        first[:HEADER_BYTES] = pack([], header, device)  # the header alone, at the size the receiver posted
         data = pack(tensors, header, device)
         out = [(p2p.isend(first, peer, tag0), first), (p2p.isend(data, peer, tag1), data)]
     cache[key] = metas

@@ -155,16 +155,25 @@ class Pipeline(nn.Module):
     # ---------------------------------------------------------------------------------------------------
     # construction checks
 
-    def _gather(self, vec: list[int], group: dist.ProcessGroup) -> list[list[int]]:
+    def _collective(self, group: dist.ProcessGroup, values: list, dtype: torch.dtype, what: str, run) -> Any:
+        """A small host-side collective on ``group``: ``values`` as a tensor (on the GPU under NCCL),
+        ``run(tensor) -> (work, result)``, the wait bounded by the pipeline's timeout (``PeerError``)."""
         dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
-        t = torch.tensor(vec, dtype=torch.int64, device=dev)
-        n = dist.get_world_size(group)
-        out = [torch.empty_like(t) for _ in range(n)]
-        work = dist.all_gather(out, t, group=group, async_op=True)
+        work, result = run(torch.tensor(values, dtype=dtype, device=dev))
         try:
             work.wait(timeout=timedelta(seconds=self.p2p.timeout_s))
         except Exception as e:  # noqa: BLE001
-            raise PeerError(f"{type(self).__name__}: construction handshake failed or timed out: {e}") from e
+            raise PeerError(
+                f"{type(self).__name__} pipeline rank {self.rank}: {what} failed or timed out: {e}"
+            ) from e
+        return result
+
+    def _gather(self, vec: list[int], group: dist.ProcessGroup) -> list[list[int]]:
+        def run(t: Tensor):
+            out = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+            return dist.all_gather(out, t, group=group, async_op=True), out
+
+        out = self._collective(group, vec, torch.int64, "the construction handshake", run)
         return [o.tolist() for o in out]
 
     def _handshake(self) -> None:
@@ -293,18 +302,14 @@ class Pipeline(nn.Module):
         """All trials timed: sum them over the pipeline's ranks (one all-reduce) and decide."""
         tuner = self._tuner
         assert tuner is not None
-        nccl = dist.get_backend(self.group) == "nccl"
-        dev = torch.device("cuda", torch.cuda.current_device()) if nccl else None
-        t = torch.tensor(tuner.times, dtype=torch.float64, device=dev)
-        work = dist.all_reduce(t, group=self.group, async_op=True)
-        try:
-            work.wait(timeout=timedelta(seconds=self.p2p.timeout_s))
-        except Exception as e:  # noqa: BLE001
-            raise PeerError(
-                f"{type(self).__name__} pipeline rank {self.rank}: agreeing on early_send='auto' failed or "
-                f"timed out: {e}"
-            ) from e
-        tuner.decide(t.tolist())
+        summed = self._collective(
+            self.group,
+            tuner.times,
+            torch.float64,
+            "agreeing on early_send='auto'",
+            lambda t: (dist.all_reduce(t, group=self.group, async_op=True), t),
+        )
+        tuner.decide(summed.tolist())
 
     def simulate(self, num_chunks: int, costs: Costs | Sequence[Costs] | StageCosts) -> SimResult:
         """Price this pipeline's schedule (e.g. to draw it beside ``self.timeline``)."""
