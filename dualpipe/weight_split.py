@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 
+from dualpipe import autograd_call
+
 __all__ = [
     "defer_weight_work",
     "FullBackward",
@@ -63,7 +65,7 @@ def full_backward(
     """Inputs and weights at once (parameters accumulate into ``.grad``)."""
     for t in inputs:
         t.grad = None
-    torch.autograd.backward(list(outputs), list(grads), retain_graph=retain_graph)
+    autograd_call.backward(outputs, grads, retain_graph=retain_graph)
     return _take_grads(inputs), None
 
 
@@ -193,7 +195,7 @@ class GenericSplit:
             need = [t for t in inputs if id(t) in walk.inputs_met]
             got = {}
             if need:
-                res = torch.autograd.grad(outputs, need, grads, retain_graph=True, allow_unused=True)
+                res = autograd_call.grad(outputs, need, grads, retain_graph=True)
                 got = {id(t): g for t, g in zip(need, res)}
         finally:
             for h in handles:
@@ -212,7 +214,7 @@ class GenericSplit:
                     continue
                 edges = [(GradientEdge(node, i), g) for i, g in enumerate(go) if g is not None]
                 if edges:
-                    torch.autograd.backward(
+                    autograd_call.backward(
                         [e for e, _ in edges],
                         [g for _, g in edges],
                         inputs=[params[i] for i in own],
@@ -220,7 +222,7 @@ class GenericSplit:
                     )
             if off_path:
                 own = frozenset().union(*(walk.weights[_node(o)] for o, _ in off_path))
-                torch.autograd.backward(
+                autograd_call.backward(
                     [o for o, _ in off_path],
                     [g for _, g in off_path],
                     inputs=[params[i] for i in own],
