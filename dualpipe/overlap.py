@@ -67,8 +67,10 @@ __all__ = [
     "Completed",
     "OverlapFn",
     "PendingComm",
+    "backward_once",
     "backward_steps",
     "drive",
+    "forward_once",
     "forward_steps",
     "interleave",
     "pieces",
@@ -227,14 +229,11 @@ def forward_steps(
 
     ``inputs`` are the stage inputs (leaves that require grad where a gradient must flow back).
     """
-    grad = torch.is_grad_enabled()
-    graph = ChunkGraph([_Segment(tuple(t for t in inputs if isinstance(t, Tensor) and t.requires_grad))])
     gen = getattr(module, "forward_pieces", None)
     if gen is None:
-        with _span(f"{name}.piece0"):
-            out = module(*inputs)
-            graph.result = finish(out) if finish is not None else out
-        return graph
+        return forward_once(module, inputs, finish, name)
+    grad = torch.is_grad_enabled()
+    graph = ChunkGraph([_Segment(tuple(t for t in inputs if isinstance(t, Tensor) and t.requires_grad))])
     it = gen(*inputs)
     send: tuple | None = None
     i = 0
@@ -264,6 +263,21 @@ def forward_steps(
         )
         send = rec + car
         i += 1
+
+
+def forward_once(
+    module: Callable[..., Any],
+    inputs: tuple[Tensor, ...],
+    finish: Callable[[Any], Any] | None = None,
+    name: str = "F",
+) -> ChunkGraph:
+    """The forward of a chunk of one piece (a module without ``forward_pieces``): what
+    ``forward_steps`` returns for it, without a step iterator."""
+    graph = ChunkGraph([_Segment(tuple(t for t in inputs if isinstance(t, Tensor) and t.requires_grad))])
+    with _span(f"{name}.piece0"):
+        out = module(*inputs)
+        graph.result = finish(out) if finish is not None else out
+    return graph
 
 
 class BackwardFn(Protocol):
@@ -299,20 +313,7 @@ def backward_steps(
         # Leaves of this and every earlier segment: a tensor used across a point without `carry` sends
         # part of its gradient straight into an earlier segment (correct by linearity).
         leaves = [t for s in segs[: k + 1] for t in s.leaves]
-        pairs = [(o, g) for o, g in zip(outs, gs) if g is not None and _differentiable(o)]
-        if pairs and leaves:
-            with _span(f"{name}.piece{len(segs) - 1 - k}"):
-                got, w = backward([o for o, _ in pairs], [g for _, g in pairs], leaves, multi)
-            for t, g in zip(leaves, got):
-                if g is not None:
-                    acc[id(t)] = acc[id(t)] + g if id(t) in acc else g
-        elif pairs:  # nothing upstream needs a gradient: weights only
-            with _span(f"{name}.piece{len(segs) - 1 - k}"):
-                _, w = backward([o for o, _ in pairs], [g for _, g in pairs], [], multi)
-        else:
-            w = None
-        if w is not None:
-            w_work.append(w)
+        _segment_backward(leaves, outs, gs, backward, multi, f"{name}.piece{len(segs) - 1 - k}", acc, w_work)
         if k == 0:
             break
         prev, cur = segs[k - 1], segs[k]
@@ -334,6 +335,49 @@ def backward_steps(
         outs = list(prev.outputs)
         gs = sent_grads + carry_grads
     return acc, w_work
+
+
+def backward_once(
+    graph: ChunkGraph,
+    outputs: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    backward: BackwardFn,
+    name: str = "B",
+) -> tuple[dict[int, Tensor], list[Callable[[], None]]]:
+    """The backward of a chunk of one piece: what ``backward_steps`` returns for it, without a step
+    iterator."""
+    if graph.pieces != 1:
+        raise ValueError(f"backward_once: the chunk has {graph.pieces} pieces; use backward_steps")
+    acc: dict[int, Tensor] = {}
+    w_work: list[Callable[[], None]] = []
+    leaves = graph.segments[0].leaves
+    _segment_backward(leaves, outputs, grads, backward, False, f"{name}.piece0", acc, w_work)
+    return acc, w_work
+
+
+def _segment_backward(
+    leaves: Sequence[Tensor],
+    outs: Sequence[Any],
+    gs: Sequence[Tensor | None],
+    backward: BackwardFn,
+    retain: bool,
+    span: str,
+    acc: dict[int, Tensor],
+    w_work: list[Callable[[], None]],
+) -> None:
+    """One segment: gradients of ``leaves`` added into ``acc`` (by id), its deferred weight work onto
+    ``w_work``."""
+    pairs = [(o, g) for o, g in zip(outs, gs) if g is not None and _differentiable(o)]
+    if not pairs:
+        return
+    with _span(span):
+        # nothing upstream needs a gradient when ``leaves`` is empty: weights only
+        got, w = backward([o for o, _ in pairs], [g for _, g in pairs], list(leaves), retain)
+    for t, g in zip(leaves, got):
+        if g is not None:
+            acc[id(t)] = acc[id(t)] + g if id(t) in acc else g
+    if w is not None:
+        w_work.append(w)
 
 
 def _differentiable(o: Any) -> bool:

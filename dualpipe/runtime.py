@@ -33,9 +33,13 @@ from dualpipe.overlap import (
     OverlapFn,
     _span,
     _Tracked,
+    backward_once,
     backward_steps,
     drive,
+    forward_once,
     forward_steps,
+    interleave,
+    sequential,
 )
 from dualpipe.p2p import (
     KIND_B,
@@ -110,6 +114,11 @@ class Engine:
         self.on_weights_done = on_weights_done
         self.weights_done_at = _last_weight_actions(schedule, self.rank) if on_weights_done else {}
         self.fused = fused_backwards(schedule, self.rank)
+        # Stages whose module has no communication points run as one piece; with an overlap function
+        # that runs such an F&B as forward then backward (both built-in ones do), the F&B is called
+        # directly instead of through two step iterators (~50 us of Python less per action).
+        self.one_piece = {st: getattr(m, "forward_pieces", None) is None for st, m in self.module_of.items()}
+        self.plain_overlap = overlap in (interleave, sequential)
 
     # ---------------------------------------------------------------------------------------------------
     def run(self, io: StepIO) -> dict[str, Any]:
@@ -311,8 +320,8 @@ class Engine:
     # ---------------------------------------------------------------------------------------------------
     # compute
 
-    def _forward_steps(self, stage: int, mb: int, inputs: tuple):
-        module = self.module_of[stage]
+    def _finish(self, stage: int, mb: int) -> Callable[[Any], Any]:
+        """Stage output -> (outputs tuple, loss or None): the criterion runs on a chain's last stage."""
         last = self.s.next_stage(stage) is None
         io = self.io
 
@@ -323,7 +332,16 @@ class Engine:
                 loss = io.criterion(*outs, *io.labels[mb])
             return outs, loss
 
-        return forward_steps(module, inputs, finish, name=f"F{stage}.{mb}")
+        return finish
+
+    def _forward_steps(self, stage: int, mb: int, inputs: tuple):
+        return forward_steps(self.module_of[stage], inputs, self._finish(stage, mb), name=f"F{stage}.{mb}")
+
+    def _forward_now(self, stage: int, mb: int, inputs: tuple) -> ChunkGraph:
+        """The forward of (stage, mb) to its end, without overlap."""
+        if self.one_piece[stage]:
+            return forward_once(self.module_of[stage], inputs, self._finish(stage, mb), name=f"F{stage}.{mb}")
+        return drive(self._forward_steps(stage, mb, inputs))
 
     def _after_forward(
         self, stage: int, mb: int, inputs: tuple, needs: list[bool], graph: ChunkGraph
@@ -368,6 +386,18 @@ class Engine:
         outs, grads = self._b_grads(stage, mb, ch)
         fn = self.split if split else full_backward
         return backward_steps(ch.graph, outs, grads, fn, name=f"B{stage}.{mb}")
+
+    def _backward_now(self, stage: int, mb: int, split: bool) -> Callable[[], Any]:
+        """Wait for the output gradients of (stage, mb) now; return its backward, run to its end
+        without overlap when called."""
+        ch = self.chunks[(stage, mb)]
+        graph = ch.graph
+        if graph is None or graph.pieces != 1:
+            steps = self._backward_steps(stage, mb, split)
+            return lambda: drive(steps)
+        outs, grads = self._b_grads(stage, mb, ch)
+        fn = self.split if split else full_backward
+        return lambda: backward_once(graph, outs, grads, fn, name=f"B{stage}.{mb}")
 
     def _after_backward(self, stage: int, mb: int, result, split: bool) -> None:
         ch = self.chunks[(stage, mb)]
@@ -415,7 +445,7 @@ class Engine:
         inputs, needs = self._f_inputs(a.stage, a.mb)
 
         def run() -> None:
-            graph = drive(self._forward_steps(a.stage, a.mb, inputs))
+            graph = self._forward_now(a.stage, a.mb, inputs)
             self._after_forward(a.stage, a.mb, inputs, needs, graph)
 
         self._timed(a, run)
@@ -423,10 +453,10 @@ class Engine:
     def _do_B(self, a: Action, split: bool = True) -> None:
         if a.op is Op.B and (a.stage, a.mb) in self.fused:
             split = False  # its W comes next: one full backward, without the split's extra passes
-        steps = self._backward_steps(a.stage, a.mb, split)  # waits for the gradients first
+        backward = self._backward_now(a.stage, a.mb, split)  # waits for the gradients first
 
         def run() -> None:
-            self._after_backward(a.stage, a.mb, drive(steps), split)
+            self._after_backward(a.stage, a.mb, backward(), split)
 
         self._timed(a, run)
 
@@ -467,6 +497,13 @@ class Engine:
             self.inner_wait += time.perf_counter() - t0
             return (yield from steps)
 
+        def run_direct() -> None:  # one piece each, forward then backward: what the overlap would do
+            forward_done(self._forward_now(a.stage, a.mb, inputs))
+            t0 = time.perf_counter()
+            backward = self._backward_now(a.stage2, a.mb2, split=False)
+            self.inner_wait += time.perf_counter() - t0
+            self._after_backward(a.stage2, a.mb2, backward(), split=False)
+
         def run() -> None:
             f = _Tracked(self._forward_steps(a.stage, a.mb, inputs), on_done=forward_done)
             b = _Tracked(backward())
@@ -477,7 +514,15 @@ class Engine:
                 )
             self._after_backward(a.stage2, a.mb2, b.value, split=False)
 
-        self._timed(a, run)
+        ch2 = self.chunks.get((a.stage2, a.mb2))
+        direct = (
+            self.plain_overlap
+            and self.one_piece[a.stage]
+            and ch2 is not None
+            and ch2.graph is not None
+            and ch2.graph.pieces == 1
+        )
+        self._timed(a, run_direct if direct else run)
 
 
 def fused_backwards(schedule: Schedule, rank: int) -> frozenset[tuple[int, int]]:
