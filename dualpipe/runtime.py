@@ -36,7 +36,6 @@ from dualpipe.overlap import (
     backward_once,
     backward_steps,
     drive,
-    forward_once,
     forward_steps,
     interleave,
     sequential,
@@ -338,9 +337,8 @@ class Engine:
         return forward_steps(self.module_of[stage], inputs, self._finish(stage, mb), name=f"F{stage}.{mb}")
 
     def _forward_now(self, stage: int, mb: int, inputs: tuple) -> ChunkGraph:
-        """The forward of (stage, mb) to its end, without overlap."""
-        if self.one_piece[stage]:
-            return forward_once(self.module_of[stage], inputs, self._finish(stage, mb), name=f"F{stage}.{mb}")
+        """The forward of (stage, mb) to its end, without overlap (``forward_steps`` returns at once for
+        a one-piece module)."""
         return drive(self._forward_steps(stage, mb, inputs))
 
     def _after_forward(
@@ -392,7 +390,7 @@ class Engine:
         without overlap when called."""
         ch = self.chunks[(stage, mb)]
         graph = ch.graph
-        if graph is None or graph.pieces != 1:
+        if graph.pieces != 1:
             steps = self._backward_steps(stage, mb, split)
             return lambda: drive(steps)
         outs, grads = self._b_grads(stage, mb, ch)
@@ -514,13 +512,10 @@ class Engine:
                 )
             self._after_backward(a.stage2, a.mb2, b.value, split=False)
 
-        ch2 = self.chunks.get((a.stage2, a.mb2))
         direct = (
             self.plain_overlap
             and self.one_piece[a.stage]
-            and ch2 is not None
-            and ch2.graph is not None
-            and ch2.graph.pieces == 1
+            and self.chunks[(a.stage2, a.mb2)].graph.pieces == 1
         )
         self._timed(a, run_direct if direct else run)
 
