@@ -34,6 +34,7 @@ from dualpipe.schedules import (
 )
 from dualpipe.simulate import Costs, DeadlockError, SimResult, StageCosts, simulate
 from dualpipe.trace import Event, plot_timelines, write_chrome_trace
+from dualpipe.tuning import EarlySendTuner
 from dualpipe.weight_split import defer_weight_work, enable_linear_fast_path
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "Completed",
     "DualPipe",
     "DualPipeV",
+    "EarlySendTuner",
     "OverlapFn",
     "PeerError",
     "PendingComm",

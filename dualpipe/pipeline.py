@@ -29,7 +29,8 @@ half starts (``early_send=True``: the neighbour's next F&B starts sooner, one mo
 pair), or leaves at the action's end with the gradient for the same neighbour, as one message
 (``early_send=False``). Which is faster depends on the stage size and the transport, so the default
 ``early_send="auto"`` times both on the first training steps and keeps the faster
-(``dualpipe.tuning``; ``pipe.early_send`` is the decision, None until made). All ranks must pass the
+(``dualpipe.tuning``: a paired sequential test, 16-104 steps; ``pipe.early_send`` is the decision, None
+until made; pass an ``EarlySendTuner`` to change its limits). All ranks must pass the
 same ``coalesce`` and ``early_send`` (checked at construction). DualPipe's mirror exchange of a module
 starts right after its last weight-gradient action (gloo; with NCCL, after the step).
 """
@@ -92,7 +93,7 @@ class Pipeline(nn.Module):
         dp_average: bool = True,
         timeout_s: float | None = None,
         coalesce: bool = True,
-        early_send: bool | str = "auto",
+        early_send: bool | str | EarlySendTuner = "auto",
     ):
         super().__init__()
         name = type(self).__name__
@@ -135,12 +136,17 @@ class Pipeline(nn.Module):
         self.device = params[0].device if params else torch.device("cpu")
         self._schedules: dict[tuple[int, bool], Schedule] = {}
         self.coalesce = coalesce
-        if not (isinstance(early_send, bool) or early_send == "auto"):
-            raise ValueError(f"{name}: early_send={early_send!r} must be True, False or 'auto'")
+        tuner = early_send if isinstance(early_send, EarlySendTuner) else None
+        if tuner is not None:
+            early_send = "auto"
+        elif not (isinstance(early_send, bool) or early_send == "auto"):
+            raise ValueError(
+                f"{name}: early_send={early_send!r} must be True, False, 'auto' or an EarlySendTuner"
+            )
         self.early_send_setting = early_send
         # only DualPipe's and DualPipeV's F&B actions have an activation to send early
         fb = self.schedule_name in ("dualpipe", "dualpipev")
-        self._tuner = EarlySendTuner() if early_send == "auto" and fb else None
+        self._tuner = (tuner or EarlySendTuner()) if early_send == "auto" and fb else None
         self._plans: dict[tuple[int, bool, bool], tuple[frozenset, dict]] = {}  # (key, early) -> plan
         self._step_id = 0
         self._meta: dict = {}  # boundary shapes per (kind, stage, micro-batch), shared with the peers' copy
@@ -182,7 +188,9 @@ class Pipeline(nn.Module):
         vec = [_CODES[self.schedule_name], self.pp, len(self.module), _SPLIT_CODES[self.weight_split]]
         vec += [x for s in sigs for x in s]
         early_code = {False: 0, True: 1, "auto": 2}[self.early_send_setting]
-        vec.append(4 * int(self.coalesce) + early_code)  # both sides derive messages from these
+        # both sides derive messages from these (and run the tuner's all-reduces in lockstep)
+        vec += self._tuner.settings if self._tuner is not None else (0, 0, 0, 0)
+        vec.append(4 * int(self.coalesce) + early_code)
         got = self._gather(vec, self.group)
         for r, v in enumerate(got):
             if v[:3] != vec[:3]:
@@ -195,6 +203,12 @@ class Pipeline(nn.Module):
                     f"{name}: ranks disagree on the messages: rank {self.rank} has (coalesce, early_send) = "
                     f"{(self.coalesce, self.early_send_setting)}, rank {r} has "
                     f"{(bool(v[-1] & 4), [False, True, 'auto'][v[-1] & 3])}"
+                )
+            if v[-5:-1] != vec[-5:-1]:
+                raise ValueError(
+                    f"{name}: ranks disagree on early_send='auto': rank {self.rank}'s EarlySendTuner has "
+                    f"(min_blocks, max_blocks, skip, z*1000) = {tuple(vec[-5:-1])}, "
+                    f"rank {r}'s {tuple(v[-5:-1])}"
                 )
         if self.schedule_name == "dualpipe":
             for r in range(self.pp):
@@ -299,7 +313,8 @@ class Pipeline(nn.Module):
         return self._tuner.decided
 
     def _decide_early_send(self) -> None:
-        """All trials timed: sum them over the pipeline's ranks (one all-reduce) and decide."""
+        """A block of trials timed: sum the times over the pipeline's ranks (one all-reduce) and let the
+        tuner decide or ask for more."""
         tuner = self._tuner
         assert tuner is not None
         summed = self._collective(

@@ -16,6 +16,7 @@ from dualpipe.overlap import sequential
 from dualpipe.pipeline import DualPipe, DualPipeV, Pipeline1F1B, PipelineZB1P, gather_timeline
 from dualpipe.schedules import build_dualpipe
 from dualpipe.simulate import Costs, simulate
+from dualpipe.tuning import EarlySendTuner
 from tests.distributed import run_ranks
 from tests.dualpipe.pipeline_models import batch, criterion, make_stage, reference_full, rel_err
 
@@ -156,11 +157,13 @@ def _rank_two(rank, world):
     rc = _train(_build("dualpipev", world, rank, "generic", coalesce=False), 5)
     # ... and with F&B activations sent after the action (coalesced with the gradient) instead of early
     rl = _train(_build("dualpipev", world, rank, "generic", early=False), 5)
-    # early_send="auto" (the default): 1 untimed and 10 timed steps alternating the two message plans,
-    # then one decision on every rank; every step computes the same gradients whatever its plan
-    pa = _build("dualpipev", world, rank, "generic", early="auto")
+    # early_send="auto" with short limits: 2 untimed steps (early, coalesced), 2 timed blocks (early,
+    # coalesced, coalesced, early), then one decision on every rank; every step computes the same
+    # gradients whatever its plan
+    tuner = EarlySendTuner(min_blocks=2, max_blocks=2, skip=1)
+    pa = _build("dualpipev", world, rank, "generic", early=tuner)
     auto_steps = [_train(pa, 5) for _ in range(12)]
-    auto = (auto_steps[6], auto_steps[-1], [st["stats"]["early_send"] for st in auto_steps], pa.early_send)
+    auto = (auto_steps[7], auto_steps[-1], [st["stats"]["early_send"] for st in auto_steps], pa.early_send)
     # a user's overlap function is called once per F&B action (and trains like the default)
     _OVERLAP_CALLS.clear()
     po = _build("dualpipev", world, rank, "generic", overlap=_counting_overlap)
@@ -225,7 +228,7 @@ def test_pp2_all_schedules_splits_ties_overlap_two_pipelines_forward_only(tmp_pa
     decisions = {rr["auto"][3] for rr in res}
     assert len(decisions) == 1 and decisions <= {True, False}
     d = decisions.pop()
-    assert all(rr["auto"][2] == [True] + [True, False] * 5 + [d] for rr in res)
+    assert all(rr["auto"][2] == [True, False] + [True, False, False, True] * 2 + [d, d] for rr in res)
     for rr in res:
         calls, n_fb = rr["user_overlap"]["overlap_calls"]
         assert calls == n_fb > 0

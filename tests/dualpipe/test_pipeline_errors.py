@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from dualpipe.p2p import PeerError
 from dualpipe.pipeline import DualPipe, DualPipeV
+from dualpipe.tuning import EarlySendTuner
 from tests.distributed import RankFailure, run_ranks
 from tests.dualpipe.pipeline_models import Stage, batch, criterion
 
@@ -53,7 +54,15 @@ def _rank_bad_inputs(rank, world):
     msgs["early"] = _expect(
         lambda: DualPipeV((Stage(rank), Stage(3 - rank)), process_group=pair, early_send="yes"),
         ValueError,
-        r"early_send='yes' must be True, False or 'auto'",
+        r"early_send='yes' must be True, False, 'auto' or an EarlySendTuner",
+    )
+    # ranks whose early_send="auto" tuners would check at different steps (their all-reduces would not pair)
+    tuner = EarlySendTuner(min_blocks=2 + rank)
+    msgs["tuner"] = _expect(
+        lambda: DualPipeV((Stage(rank), Stage(3 - rank)), process_group=pair, early_send=tuner),
+        ValueError,
+        r"ranks disagree on early_send='auto': rank \d's EarlySendTuner has \(min_blocks, max_blocks, skip, "
+        r"z\*1000\) = \(\d, 25, 2, 2500\), rank \d's \(\d, 25, 2, 2500\)",
     )
     pipe = DualPipe((Stage(rank), Stage(1 - rank)), process_group=pair, timeout_s=30)
     x, z, ids, y = batch(13)
@@ -98,6 +107,7 @@ def test_bad_inputs_raise_clearly():
             "no_criterion",
             "small_batch",
             "early",
+            "tuner",
         }
 
 
