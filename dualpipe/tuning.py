@@ -20,7 +20,7 @@ Protocol (every rank runs it in lockstep, as every rank calls ``step`` the same 
    ranks (so every rank sees the same numbers and takes the same decision).
 3. From ``min_blocks`` blocks on, after each block the pipeline sums the new times over its ranks (one
    small all-reduce) and stops once the mean of the ``d`` is ``z`` standard errors away from zero:
-   a clear difference (emulated stages, large stages) decides after ``min_blocks``; a small one on a
+   a clear difference (emulated stages; often d=64 real stages) decides after ``min_blocks``; a small one on a
    noisy host takes more blocks, and after ``max_blocks`` the sign of the median ``d`` decides (plans
    that close cost about the same either way).
 
@@ -28,8 +28,9 @@ Why sequential. On the 2-core CI host at d=64 (pp=2, ~25 ms steps) one step's ti
 standard deviation) while the plans differ by ~10%: five timed steps per plan (the first version of
 this tuner, warm-up on the early plan only, steps alternating) picked the slower plan in 3-5 of 20
 fresh pipelines. The paired, sequential test picked it in 0 of 16 recorded pipelines (replayed from
-104-step recordings; ~44 steps each) and stops after ``4 * min_blocks`` timed steps where the plans
-differ clearly. Both plans compute exactly the same numbers; only the message plan differs.
+104-step recordings; median 54 steps each), in 1 of 16 live ones (with ``min_blocks=3``, stopped at the
+minimum: hence 4 now) and in 1 of 12 bench runs; on emulated stages it keeps early sends, as before.
+Both plans compute exactly the same numbers; only the message plan differs.
 """
 
 from __future__ import annotations
