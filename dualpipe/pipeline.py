@@ -29,7 +29,7 @@ half starts (``early_send=True``: the neighbour's next F&B starts sooner, one mo
 pair), or leaves at the action's end with the gradient for the same neighbour, as one message
 (``early_send=False``). Which is faster depends on the stage size and the transport, so the default
 ``early_send="auto"`` times both on the first training steps and keeps the faster
-(``dualpipe.tuning``: a paired sequential test, 16-104 steps; ``pipe.early_send`` is the decision, None
+(``dualpipe.tuning``: a paired sequential test, 20-104 steps; ``pipe.early_send`` is the decision, None
 until made; pass an ``EarlySendTuner`` to change its limits). All ranks must pass the
 same ``coalesce`` and ``early_send`` (checked at construction). DualPipe's mirror exchange of a module
 starts right after its last weight-gradient action (gloo; with NCCL, after the step).
@@ -138,6 +138,7 @@ class Pipeline(nn.Module):
         self.coalesce = coalesce
         tuner = early_send if isinstance(early_send, EarlySendTuner) else None
         if tuner is not None:
+            tuner.claim(name)  # its trial state belongs to this pipeline alone
             early_send = "auto"
         elif not (isinstance(early_send, bool) or early_send == "auto"):
             raise ValueError(

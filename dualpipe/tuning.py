@@ -65,6 +65,16 @@ class EarlySendTuner:
         self.decided: bool | None = None
         self.diffs: list[float] = []  # per block: log(early) - log(coalesced), summed over the ranks
         self.ratio: float | None = None  # once decided: exp(mean diff), early over coalesced step time
+        self._owner: str | None = None
+
+    def claim(self, owner: str) -> None:
+        """Called by the pipeline that takes this tuner: one tuner per pipeline (it holds trial state)."""
+        if self._owner is not None:
+            raise ValueError(
+                f"{owner}: early_send=EarlySendTuner(...) is already used by a {self._owner}; "
+                "give each pipeline its own EarlySendTuner"
+            )
+        self._owner = owner
 
     @property
     def settings(self) -> tuple[int, int, int, int]:

@@ -76,3 +76,6 @@ def test_bad_arguments_and_bad_sums_raise():
         t.decide([1.0] * 7)
     with pytest.raises(ValueError, match="must be > 0"):
         t.decide([1.0] * 7 + [0.0])
+    t.claim("DualPipeV")
+    with pytest.raises(ValueError, match="already used by a DualPipeV; give each pipeline its own"):
+        t.claim("DualPipe")
