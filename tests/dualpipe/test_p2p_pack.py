@@ -18,6 +18,7 @@ def _tensors() -> list[torch.Tensor]:
         torch.randn(2, 3, generator=g, dtype=torch.complex64),
         torch.randn(9, generator=g).to(torch.float8_e4m3fn),
         torch.randn(3, 3, generator=g).bfloat16(),
+        torch.randn(2, 5, generator=g).requires_grad_() * 3,  # part of an autograd graph
     ]
 
 
@@ -28,7 +29,7 @@ def _reference(tensors, metas, header, base):
     if header is not None:
         buf[: 8 * len(header)] = torch.tensor(header, dtype=torch.int64).view(torch.uint8)
     for t, o in zip(tensors, offs):
-        b = t.contiguous().view(-1).view(torch.uint8)
+        b = t.detach().contiguous().view(-1).view(torch.uint8)
         buf[o : o + b.numel()] = b
     return buf
 
@@ -39,10 +40,11 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def test_pack_matches_the_plain_fill_and_unpacks_to_the_tensors():
     ts = _tensors()
-    metas = [Meta(tuple(t.shape), t.dtype, False) for t in ts]
+    metas = [Meta(tuple(t.shape), t.dtype, t.requires_grad) for t in ts]
     fields = [8, 41, 1]
     words = header_words(ts, fields)
     buf = pack(ts, words, torch.device("cpu"))
+    assert not buf.requires_grad and buf.dtype == torch.uint8
     assert torch.equal(buf, _reference(ts, metas, words, HEADER_BYTES))
     got_fields, got_metas = decode_header(buf[:HEADER_BYTES].view(torch.int64))
     assert got_fields == fields and got_metas == metas
