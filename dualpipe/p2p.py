@@ -264,7 +264,8 @@ def _header_bytes(header: Sequence[int], device: torch.device) -> Tensor:
     raw = bytearray(HEADER_BYTES)
     struct.pack_into(f"={len(header)}q", raw, 0, *header)
     words = torch.frombuffer(raw, dtype=torch.uint8)
-    return words if device.type == "cpu" else words.to(device)
+    # to a GPU without a stream sync: a copy from pageable memory is staged at once, so ``raw`` may go
+    return words if device.type == "cpu" else words.to(device, non_blocking=True)
 
 
 def pack(tensors: Sequence[Tensor], header: Sequence[int] | None, device: torch.device | str) -> Tensor:
@@ -402,7 +403,7 @@ def send_boundary(
     else:
         size = packed_layout(prev, HEADER_BYTES)[1] if prev is not None else HEADER_BYTES
         first = torch.zeros(size, dtype=torch.uint8, device=device)
-        first[:HEADER_BYTES] = pack([], header, device)  # the header alone, at the size the receiver posted
+        first[:HEADER_BYTES] = _header_bytes(header, device)  # the header alone, at the posted size
         data = pack(tensors, header, device)
         out = [(p2p.isend(first, peer, tag0), first), (p2p.isend(data, peer, tag1), data)]
     cache[key] = metas

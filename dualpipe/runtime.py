@@ -476,6 +476,14 @@ class Engine:
 
         self._timed(a, run)
 
+    def _waited(self, backward_of: Callable[..., Any], stage: int, mb: int) -> Any:
+        """``backward_of(stage, mb, split=False)`` (it waits for the output gradient first); the wait is
+        added to ``inner_wait``, the part of an F&B action drawn as bubble."""
+        t0 = time.perf_counter()
+        out = backward_of(stage, mb, split=False)
+        self.inner_wait += time.perf_counter() - t0
+        return out
+
     def _do_FB(self, a: Action) -> None:
         inputs, needs = self._f_inputs(a.stage, a.mb)
         nxt = self.s.next_stage(a.stage)
@@ -490,16 +498,12 @@ class Engine:
         def backward() -> Generator[str, None, Any]:
             # the output gradient is awaited only when the backward half starts (after the forward
             # half, under the default overlap), so its transfer overlaps the forward half
-            t0 = time.perf_counter()
-            steps = self._backward_steps(a.stage2, a.mb2, split=False)
-            self.inner_wait += time.perf_counter() - t0
+            steps = self._waited(self._backward_steps, a.stage2, a.mb2)
             return (yield from steps)
 
         def run_direct() -> None:  # one piece each, forward then backward: what the overlap would do
             forward_done(self._forward_now(a.stage, a.mb, inputs))
-            t0 = time.perf_counter()
-            backward = self._backward_now(a.stage2, a.mb2, split=False)
-            self.inner_wait += time.perf_counter() - t0
+            backward = self._waited(self._backward_now, a.stage2, a.mb2)
             self._after_backward(a.stage2, a.mb2, backward(), split=False)
 
         def run() -> None:
