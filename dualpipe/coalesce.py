@@ -21,7 +21,7 @@ coalesced (it has left when the rest is sent).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dualpipe.schedules import Op, Schedule
 from dualpipe.validate import message_key
@@ -36,14 +36,12 @@ class Group:
     keys: tuple[MessageKey, ...]
     src: int
     dst: int
+    first: MessageKey = field(init=False, repr=False, compare=False)  # keys[0] (read per message)
+    last: MessageKey = field(init=False, repr=False, compare=False)  # keys[-1]
 
-    @property
-    def first(self) -> MessageKey:
-        return self.keys[0]
-
-    @property
-    def last(self) -> MessageKey:
-        return self.keys[-1]
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "first", self.keys[0])
+        object.__setattr__(self, "last", self.keys[-1])
 
 
 def _consumer_positions(schedule: Schedule, rank: int) -> dict[MessageKey, int]:

@@ -131,10 +131,20 @@ def _profiling() -> bool:
     return torch.autograd._profiler_enabled() or any_thread
 
 
-def _span(name: str) -> Any:
+_NO_SPAN = nullcontext()
+
+
+def _span(name: str | None) -> Any:
     """A profiler span (``torch.profiler.record_function``) while a profiler runs, else nothing: the
-    span costs ~10 us per enter/exit even without a profiler, tens of times per pipeline step."""
-    return torch.profiler.record_function(name) if _profiling() else nullcontext()
+    span costs ~10 us per enter/exit even without a profiler, tens of times per pipeline step.
+    ``name=None``: the caller already knows that no profiler runs (the pipeline checks once per step
+    and then builds no span names at all)."""
+    return torch.profiler.record_function(name) if name is not None and _profiling() else _NO_SPAN
+
+
+def _sub(name: str | None, suffix: str) -> str | None:
+    """A child span's name (None stays None: no profiler)."""
+    return None if name is None else name + suffix
 
 
 Pieces = Generator[CommPoint, tuple, Any]
@@ -223,11 +233,13 @@ def forward_steps(
     module: Callable[..., Any],
     inputs: tuple[Tensor, ...],
     finish: Callable[[Any], Any] | None = None,
-    name: str = "F",
+    name: str | None = "F",
 ) -> Generator[str, None, ChunkGraph]:
     """Forward of one chunk as steps; returns the ``ChunkGraph`` (``result`` = ``finish(outputs)``).
 
     ``inputs`` are the stage inputs (leaves that require grad where a gradient must flow back).
+    ``name`` prefixes the profiler spans of the pieces (None: no spans, the caller knows that no
+    profiler runs).
     """
     gen = getattr(module, "forward_pieces", None)
     if gen is None:
@@ -238,7 +250,7 @@ def forward_steps(
     send: tuple | None = None
     i = 0
     while True:
-        with _span(f"{name}.piece{i}"):
+        with _span(_sub(name, f".piece{i}")):
             try:
                 point = it.send(send)
             except StopIteration as stop:
@@ -246,7 +258,7 @@ def forward_steps(
                 return graph
             handle = point.forward(*[t.detach() for t in point.tensors])
         yield point.name
-        with _span(f"{name}.wait.{point.name}"):
+        with _span(_sub(name, f".wait.{point.name}")):
             received = tuple(handle.wait())
         differentiable = grad and point.backward is not None and any(t.requires_grad for t in point.tensors)
         rec = tuple(_as_leaf(t, differentiable) for t in received)
@@ -269,12 +281,16 @@ def forward_once(
     module: Callable[..., Any],
     inputs: tuple[Tensor, ...],
     finish: Callable[[Any], Any] | None = None,
-    name: str = "F",
+    name: str | None = "F",
 ) -> ChunkGraph:
     """The forward of a chunk of one piece (a module without ``forward_pieces``): what
     ``forward_steps`` returns for it, without a step iterator."""
     graph = ChunkGraph([_Segment(tuple(t for t in inputs if isinstance(t, Tensor) and t.requires_grad))])
-    with _span(f"{name}.piece0"):
+    if name is None:  # no profiler: no span
+        out = module(*inputs)
+        graph.result = finish(out) if finish is not None else out
+        return graph
+    with _span(name + ".piece0"):
         out = module(*inputs)
         graph.result = finish(out) if finish is not None else out
     return graph
@@ -295,7 +311,7 @@ def backward_steps(
     outputs: Sequence[Tensor],
     grads: Sequence[Tensor],
     backward: BackwardFn,
-    name: str = "B",
+    name: str | None = "B",
 ) -> Generator[str, None, tuple[dict[int, Tensor], list[Callable[[], None]]]]:
     """Backward of one chunk as steps, last segment first, launching each point's adjoint in between.
 
@@ -313,7 +329,9 @@ def backward_steps(
         # Leaves of this and every earlier segment: a tensor used across a point without `carry` sends
         # part of its gradient straight into an earlier segment (correct by linearity).
         leaves = [t for s in segs[: k + 1] for t in s.leaves]
-        _segment_backward(leaves, outs, gs, backward, multi, f"{name}.piece{len(segs) - 1 - k}", acc, w_work)
+        _segment_backward(
+            leaves, outs, gs, backward, multi, _sub(name, f".piece{len(segs) - 1 - k}"), acc, w_work
+        )
         if k == 0:
             break
         prev, cur = segs[k - 1], segs[k]
@@ -323,7 +341,7 @@ def backward_steps(
         if point.backward is not None and any(g is not None for g in grads_rec):
             handle = point.backward(*grads_rec)
             yield point.name
-            with _span(f"{name}.wait.{point.name}"):
+            with _span(_sub(name, f".wait.{point.name}")):
                 sent_grads = list(handle.wait())
             if len(sent_grads) != len(point.tensors):
                 raise RuntimeError(
@@ -342,7 +360,7 @@ def backward_once(
     outputs: Sequence[Tensor],
     grads: Sequence[Tensor],
     backward: BackwardFn,
-    name: str = "B",
+    name: str | None = "B",
 ) -> tuple[dict[int, Tensor], list[Callable[[], None]]]:
     """The backward of a chunk of one piece: what ``backward_steps`` returns for it, without a step
     iterator."""
@@ -351,7 +369,7 @@ def backward_once(
     acc: dict[int, Tensor] = {}
     w_work: list[Callable[[], None]] = []
     leaves = graph.segments[0].leaves
-    _segment_backward(leaves, outputs, grads, backward, False, f"{name}.piece0", acc, w_work)
+    _segment_backward(leaves, outputs, grads, backward, False, _sub(name, ".piece0"), acc, w_work)
     return acc, w_work
 
 
@@ -361,7 +379,7 @@ def _segment_backward(
     gs: Sequence[Tensor | None],
     backward: BackwardFn,
     retain: bool,
-    span: str,
+    span: str | None,
     acc: dict[int, Tensor],
     w_work: list[Callable[[], None]],
 ) -> None:
@@ -370,9 +388,12 @@ def _segment_backward(
     pairs = [(o, g) for o, g in zip(outs, gs) if g is not None and _differentiable(o)]
     if not pairs:
         return
-    with _span(span):
-        # nothing upstream needs a gradient when ``leaves`` is empty: weights only
+    # nothing upstream needs a gradient when ``leaves`` is empty: weights only
+    if span is None:  # no profiler: no span
         got, w = backward([o for o, _ in pairs], [g for _, g in pairs], list(leaves), retain)
+    else:
+        with _span(span):
+            got, w = backward([o for o, _ in pairs], [g for _, g in pairs], list(leaves), retain)
     for t, g in zip(leaves, got):
         if g is not None:
             acc[id(t)] = acc[id(t)] + g if id(t) in acc else g

@@ -23,8 +23,9 @@ import struct
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import timedelta
+from functools import lru_cache
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -59,8 +60,10 @@ class BoundaryError(ValueError):
     header that disagrees with this rank's step."""
 
 
-@dataclass(frozen=True)
-class Meta:
+class Meta(NamedTuple):
+    """One boundary tensor's shape, dtype and ``requires_grad`` (a tuple: built and compared in C, a
+    few dozen times per pipeline step)."""
+
     shape: tuple[int, ...]
     dtype: torch.dtype
     requires_grad: bool
@@ -104,6 +107,7 @@ def decode_header(h: Tensor) -> tuple[list[int], list[Meta]]:
 KIND_F, KIND_B, KIND_X, KIND_G = 0, 1, 2, 3  # activations, gradients, extras, coalesced groups
 
 
+@lru_cache(maxsize=4096)  # a few hundred distinct tags per step, each computed once
 def make_tag(kind: int, stage: int, mb: int, part: int) -> int:
     if not (0 <= stage < 256 and 0 <= mb < 16384 and 0 <= part < 64):
         raise BoundaryError(f"tag out of range: stage={stage} (<256), mb={mb} (<16384), part={part} (<64)")
@@ -125,14 +129,15 @@ class _Slot:
         return self.error is not None or (self.work is not None and self.work.is_completed())
 
     def wait(self, timeout: timedelta) -> bool:
-        t0 = time.monotonic()
-        if not self.ready.acquire(timeout=timeout.total_seconds()):
-            raise TimeoutError(f"the P2P call was not even issued within {timeout.total_seconds():.1f}s")
+        if not self.ready.acquire(blocking=False):  # not issued yet: wait for that, then for the rest
+            t0, secs = time.monotonic(), timeout.total_seconds()
+            if not self.ready.acquire(timeout=secs):
+                raise TimeoutError(f"the P2P call was not even issued within {secs:.1f}s")
+            timeout = timedelta(seconds=max(secs - (time.monotonic() - t0), 0.001))
         self.ready.release()  # stays "ready" for any later wait
         if self.error is not None:
             raise self.error
-        left = timeout.total_seconds() - (time.monotonic() - t0)
-        return self.work.wait(timeout=timedelta(seconds=max(left, 0.001)))  # type: ignore[union-attr]
+        return self.work.wait(timeout=timeout)  # type: ignore[union-attr]
 
 
 class _Issuer:
@@ -188,8 +193,11 @@ class P2P:
         self.rank = dist.get_rank(self.group)
         self.size = dist.get_world_size(self.group)
         self.timeout_s = float(timeout_s)
+        self._timeout = timedelta(seconds=max(self.timeout_s, 0.001))
         self._global = [dist.get_global_rank(self.group, r) for r in range(self.size)]
         threaded = _use_thread(self.group)
+        # gloo's P2P ``Work`` reports completion only once waited: polling its sends is useless there
+        self.completes_early = dist.get_backend(self.group) != "gloo"
         # sends and receive posts on separate threads: an urgent send never queues behind a post
         self._sender = _Issuer("dualpipe-send") if threaded else None
         self._poster = _Issuer("dualpipe-recv") if threaded else None
@@ -212,22 +220,32 @@ class P2P:
             if issuer is not None:
                 issuer.close()
 
-    def wait(self, work, peer: int, what: str, deadline: float | None = None) -> None:
+    def wait(self, work, peer: int, what: str | tuple, deadline: float | None = None) -> None:
         """Wait for ``work`` at most until ``deadline`` (default: now + timeout); on failure raise
-        ``PeerError`` naming this rank, the peer and what was awaited."""
+        ``PeerError`` naming this rank, the peer and what was awaited (``what``: a text, or a
+        ``(format, *args)`` tuple formatted only for the error)."""
         t0 = time.monotonic()
-        limit = (deadline if deadline is not None else t0 + self.timeout_s) - t0
+        if deadline is None:
+            limit, td = self.timeout_s, self._timeout
+        else:
+            limit = deadline - t0
+            td = timedelta(seconds=max(limit, 0.001))
         try:
-            ok = work.wait(timeout=timedelta(seconds=max(limit, 0.001)))
+            ok = work.wait(timeout=td)
         except Exception as e:  # noqa: BLE001 - re-raised with the peer named
             raise PeerError(
-                f"{self.who(self.rank)}: {what} with {self.who(peer)} failed after "
+                f"{self.who(self.rank)}: {_text(what)} with {self.who(peer)} failed after "
                 f"{time.monotonic() - t0:.1f}s (timeout {self.timeout_s:.0f}s): {str(e).strip()[:400]}"
             ) from e
         if ok is False:
             raise PeerError(
-                f"{self.who(self.rank)}: {what} with {self.who(peer)} did not complete within {limit:.1f}s"
+                f"{self.who(self.rank)}: {_text(what)} with {self.who(peer)} did not complete within "
+                f"{limit:.1f}s"
             )
+
+
+def _text(what: str | tuple) -> str:
+    return what if isinstance(what, str) else what[0] % what[1:]
 
 
 _ALIGN = 16
@@ -240,12 +258,20 @@ def _align(n: int) -> int:
 
 def packed_layout(metas: Sequence[Meta], base: int) -> tuple[list[int], int]:
     """Byte offsets of each tensor after ``base`` bytes (16-byte aligned) and the total size."""
-    offs, off = [], base
+    offs, _, total = _layout(tuple(metas), base)
+    return list(offs), total
+
+
+@lru_cache(maxsize=1024)  # a channel's shapes repeat every step
+def _layout(metas: tuple[Meta, ...], base: int) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """``packed_layout`` plus each tensor's size in bytes, cached."""
+    offs, sizes, off = [], [], base
     for m in metas:
         off = _align(off)
         offs.append(off)
-        off += math.prod(m.shape) * m.dtype.itemsize
-    return offs, _align(off)
+        sizes.append(math.prod(m.shape) * m.dtype.itemsize)
+        off += sizes[-1]
+    return tuple(offs), tuple(sizes), _align(off)
 
 
 _ZEROS: dict[torch.device, Tensor] = {}  # per device: HEADER_BYTES zero bytes, sliced for padding
@@ -295,12 +321,8 @@ def pack(tensors: Sequence[Tensor], header: Sequence[int] | None, device: torch.
 
 def unpack(buf: Tensor, metas: Sequence[Meta], base: int) -> list[Tensor]:
     """Views into ``buf`` (no copy), one per meta."""
-    offs, _ = packed_layout(metas, base)
-    out = []
-    for m, o in zip(metas, offs):
-        n = math.prod(m.shape) * m.dtype.itemsize
-        out.append(buf[o : o + n].view(m.dtype).view(m.shape))
-    return out
+    offs, sizes, _ = _layout(tuple(metas), base)
+    return [buf[o : o + n].view(m.dtype).view(m.shape) for m, o, n in zip(metas, offs, sizes)]
 
 
 class PendingRecv:
@@ -328,7 +350,7 @@ class PendingRecv:
         self.cache = cache if cache is not None else {}
         self.device = device
         self.expected: list[Meta] | None = self.cache.get(self.key)
-        size = packed_layout(self.expected, HEADER_BYTES)[1] if self.expected is not None else HEADER_BYTES
+        size = _layout(tuple(self.expected), HEADER_BYTES)[2] if self.expected is not None else HEADER_BYTES
         self.buf0 = torch.empty(size, dtype=torch.uint8, device=device)
         self.w0 = p2p.irecv(self.buf0, peer, make_tag(kind, stage, mb, 0))
         self.buf1: Tensor | None = None
@@ -337,9 +359,9 @@ class PendingRecv:
         self.metas: list[Meta] | None = None
         self.fresh = False
 
-    def _what(self) -> str:
+    def _what(self) -> tuple:
         what = "activation" if self.kind == KIND_F else "message"
-        return f"receiving the {what} for stage {self.stage} micro-batch {self.mb}"
+        return ("receiving the %s for stage %d micro-batch %d", what, self.stage, self.mb)
 
     def _header(self) -> None:
         """Part 0 is in: decode the header; post part 1 if the data did not come with it."""
@@ -349,12 +371,12 @@ class PendingRecv:
         fields, self.metas = decode_header(self.buf0[:HEADER_BYTES].view(torch.int64))
         self.fields, self.fresh = fields[:-1], bool(fields[-1])
         if self.fresh:
-            size = packed_layout(self.metas, HEADER_BYTES)[1]
+            size = _layout(tuple(self.metas), HEADER_BYTES)[2]
             self.buf1 = torch.empty(size, dtype=torch.uint8, device=self.device)
             self.w1 = self.p2p.irecv(self.buf1, self.peer, make_tag(self.kind, self.stage, self.mb, 1))
         elif self.metas != self.expected:
             raise BoundaryError(
-                f"{self._what()}: peer reused shapes {self.metas}, this rank expected {self.expected}"
+                f"{_text(self._what())}: peer reused shapes {self.metas}, this rank expected {self.expected}"
             )
         self.cache[self.key] = self.metas
 
@@ -401,7 +423,7 @@ def send_boundary(
         buf = pack(tensors, header, device)
         out = [(p2p.isend(buf, peer, tag0), buf)]
     else:
-        size = packed_layout(prev, HEADER_BYTES)[1] if prev is not None else HEADER_BYTES
+        size = _layout(tuple(prev), HEADER_BYTES)[2] if prev is not None else HEADER_BYTES
         first = torch.zeros(size, dtype=torch.uint8, device=device)
         first[:HEADER_BYTES] = _header_bytes(header, device)  # the header alone, at the posted size
         data = pack(tensors, header, device)
@@ -419,10 +441,10 @@ class RecvTensors:
             m = self.metas[0]
             self.buf = torch.empty(m.shape, dtype=m.dtype, device=device)
         else:
-            self.buf = torch.empty(packed_layout(self.metas, 0)[1], dtype=torch.uint8, device=device)
+            self.buf = torch.empty(_layout(tuple(self.metas), 0)[2], dtype=torch.uint8, device=device)
         self.work = p2p.irecv(self.buf, peer, tag) if self.metas else None
 
-    def wait(self, what: str) -> list[Tensor]:
+    def wait(self, what: str | tuple) -> list[Tensor]:
         if self.work is None:
             return []
         self.p2p.wait(self.work, self.peer, what)

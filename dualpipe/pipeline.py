@@ -135,6 +135,7 @@ class Pipeline(nn.Module):
         params = [p for m in mods for p in m.parameters()]
         self.device = params[0].device if params else torch.device("cpu")
         self._schedules: dict[tuple[int, bool], Schedule] = {}
+        self._rank_plans: dict = {}  # (schedule id, rank) -> runtime._RankPlan
         self.coalesce = coalesce
         tuner = early_send if isinstance(early_send, EarlySendTuner) else None
         if tuner is not None:
@@ -410,6 +411,7 @@ class Pipeline(nn.Module):
             groups,
             early_keys,
             mirror.start if mirror is not None else None,
+            self._rank_plans,
         )
         res = engine.run(io)
         t_engine = time.perf_counter() - t0

@@ -11,7 +11,11 @@ Per action:
     W        run the weight work deferred by this chunk's B
     FB       F of one chunk and BW of another through the pipeline's overlap function
     SEND_B   isend the input gradients
-Completed sends are reaped between actions; everything is waited (bounded) at the end of the step.
+Completed sends are reaped between actions where the backend reports a send complete before it is
+waited (NCCL; gloo's P2P work only completes once waited); everything is waited (bounded) at the end
+of the step. What depends on the schedule alone (handlers, fused B/W, weight-done points) is derived
+once per schedule, and profiler spans and their names are built only while a profiler runs: at
+small stage sizes the runtime's own Python was ~18% of a step's instructions.
 Compute actions are recorded in the timeline (seconds from the step start) and as
 ``torch.profiler.record_function`` spans named ``dualpipe.<op><stage>.<mb>``.
 """
@@ -31,7 +35,7 @@ from dualpipe.overlap import (
     BackwardFn,
     ChunkGraph,
     OverlapFn,
-    _span,
+    _profiling,
     _Tracked,
     backward_once,
     backward_steps,
@@ -97,8 +101,11 @@ class Engine:
         groups: dict | None = None,
         early: frozenset = frozenset(),
         on_weights_done: Callable[[int], None] | None = None,
+        plans: dict | None = None,
     ):
         self.s = schedule
+        self._next, self._prev = schedule._next.get, schedule._prev.get  # stage -> neighbour stage or None
+        self.stage_rank = schedule.stage_rank
         self.p2p = p2p
         self.rank = p2p.rank
         stages = schedule.local_stages(self.rank)
@@ -111,8 +118,16 @@ class Engine:
         self.early = early  # activations sent from inside an F&B action (dualpipe.coalesce.early_sends)
         # on_weights_done(local index) right after the last action that adds to that module's gradients
         self.on_weights_done = on_weights_done
-        self.weights_done_at = _last_weight_actions(schedule, self.rank) if on_weights_done else {}
-        self.fused = fused_backwards(schedule, self.rank)
+        # what depends on the schedule alone is derived once per schedule (``plans``: a cache the
+        # pipeline keeps across steps, keyed by the schedule object it also keeps)
+        key = (id(schedule), self.rank)
+        plan = plans.get(key) if plans is not None else None
+        if plan is None:
+            plan = _RankPlan(schedule, self.rank)
+            if plans is not None:
+                plans[key] = plan
+        self.plan = plan
+        self.fused = plan.fused
         # Stages whose module has no communication points run as one piece; with an overlap function
         # that runs such an F&B as forward then backward (both built-in ones do), the F&B is called
         # directly instead of through two step iterators (~20-50 us of Python less per action).
@@ -136,13 +151,20 @@ class Engine:
         self.outputs: dict[int, tuple] = {}
         self.events: list[Event] = []
         self.live = self.live_w = self.peak = self.peak_w = 0
+        self.unsized: list[PendingRecv] = []  # receives of channels without known shapes (polled)
+        # profiler spans and their names only while a profiler runs (checked once per step)
+        self.prof = _profiling()
+        notify = self.on_weights_done if torch.is_grad_enabled() else None
         self.t0 = time.perf_counter()
-        for i, a in enumerate(self.s.actions[self.rank]):
-            self._reap()
-            self._poll_recvs()
-            getattr(self, "_do_" + a.op.value)(a)
-            if i in self.weights_done_at and torch.is_grad_enabled():
-                self.on_weights_done(self.weights_done_at[i])  # type: ignore[misc]
+        reap = self.p2p.completes_early
+        for handler, a, done in self.plan.program:
+            if reap:
+                self._reap()
+            if self.unsized:
+                self._poll_recvs()
+            handler(self, a)
+            if done is not None and notify is not None:
+                notify(done)
         deadline = time.monotonic() + self.p2p.timeout_s
         for work, _t, peer, what, _key in self.sends:
             self.p2p.wait(work, peer, what, deadline)
@@ -172,9 +194,7 @@ class Engine:
         self.in_groups[g.first] = seen
         if seen == len(g.keys):
             _, stage, mb = g.first
-            self.recvs[("G", *g.first)] = PendingRecv(
-                self.p2p, g.src, KIND_G, stage, mb, self.device, self.meta_cache
-            )
+            self._post(("G", *g.first), g.src, KIND_G, stage, mb)
         return True
 
     def _group_part(self, key: tuple) -> tuple[list, list]:
@@ -200,9 +220,7 @@ class Engine:
     def _do_RECV_F(self, a: Action) -> None:
         if self._grouped_recv(("F", a.stage, a.mb)):
             return
-        self.recvs[("F", a.stage, a.mb)] = PendingRecv(
-            self.p2p, a.peer, KIND_F, a.stage, a.mb, self.device, self.meta_cache
-        )
+        self._post(("F", a.stage, a.mb), a.peer, KIND_F, a.stage, a.mb)
 
     def _do_RECV_B(self, a: Action) -> None:
         if self._grouped_recv(("B", a.stage, a.mb)):
@@ -220,13 +238,15 @@ class Engine:
 
     def _send_f(self, stage: int, mb: int, peer: int) -> None:
         ch = self.chunks[(stage, mb)]
-        nxt = self.s.next_stage(stage)
+        nxt = self._next(stage)
         if ("F", nxt, mb) in self.groups:
             self._send_part(("F", nxt, mb), list(ch.outs), peer)
         else:
             sent = send_boundary(self.p2p, ch.outs, self.io.fields, peer, KIND_F, nxt, mb, self.meta_cache)
             for work, t in sent:
-                self.sends.append((work, t, peer, f"sending the activation of stage {stage} mb {mb}", None))
+                self.sends.append(
+                    (work, t, peer, ("sending the activation of stage %d mb %d", stage, mb), None)
+                )
         if torch.is_grad_enabled():
             # keep only the autograd edges: the output tensors are freed once the sends complete
             ch.outs = [get_gradient_edge(o) if o.requires_grad else None for o in ch.outs]
@@ -235,9 +255,9 @@ class Engine:
 
     def _do_SEND_B(self, a: Action) -> None:
         ch = self.chunks[(a.stage, a.mb)]
-        prv = self.s.prev_stage(a.stage)
+        prv = self._prev(a.stage)
         grads = [g for g in ch.in_grads or [] if g is not None]
-        what = f"sending the input gradient of stage {a.stage} mb {a.mb}"
+        what = ("sending the input gradient of stage %d mb %d", a.stage, a.mb)
         if ("B", prv, a.mb) in self.groups:
             self._send_part(("B", prv, a.mb), grads, a.peer)
         else:
@@ -258,7 +278,7 @@ class Engine:
         fields = (*self.io.fields, *(len(p) for p in parts))
         _, stage, mb = g.first
         for work, t in send_boundary(self.p2p, flat, fields, peer, KIND_G, stage, mb, self.meta_cache):
-            self.sends.append((work, t, peer, f"sending messages {list(g.keys)}", None))
+            self.sends.append((work, t, peer, ("sending messages %s", list(g.keys)), None))
 
     def _reap(self) -> None:
         # oldest first, stopping at the first send still in flight: sends complete about in issue order,
@@ -270,15 +290,26 @@ class Engine:
             del sends[:i]
 
     def _poll_recvs(self) -> None:
-        for r in self.recvs.values():
-            if isinstance(r, PendingRecv):
-                r.poll()
+        still = []
+        for r in self.unsized:
+            r.poll()
+            if r.metas is None:
+                still.append(r)
+        self.unsized = still
+
+    def _post(self, key: tuple, peer: int, kind: int, stage: int, mb: int) -> None:
+        """Post an activation (or coalesced) receive; one without known shapes is polled between
+        actions, so that its data receive goes up as soon as its header is in."""
+        r = PendingRecv(self.p2p, peer, kind, stage, mb, self.device, self.meta_cache)
+        self.recvs[key] = r
+        if r.expected is None:
+            self.unsized.append(r)
 
     # ---------------------------------------------------------------------------------------------------
     # inputs of F and B
 
     def _f_inputs(self, stage: int, mb: int) -> tuple[tuple, list[bool]]:
-        prv = self.s.prev_stage(stage)
+        prv = self._prev(stage)
         grad = torch.is_grad_enabled()
         if prv is None:
             if mb not in self.io.inputs:
@@ -288,7 +319,7 @@ class Engine:
             ins = self.io.inputs[mb]
             keep = [bool(grad and isinstance(t, Tensor) and t.requires_grad) for t in ins]
             return tuple(_leaf(t, k) for t, k in zip(ins, keep)), keep
-        if self.s.stage_rank[prv] == self.rank:
+        if self.stage_rank[prv] == self.rank:
             outs = self.local_acts.pop((prv, mb))
             leaves = tuple(_leaf(o, grad and o.requires_grad) for o in outs)
             return leaves, [bool(grad and o.requires_grad) for o in outs]
@@ -304,15 +335,15 @@ class Engine:
         """(differentiable outputs or edges, their gradients) for the backward of (stage, mb)."""
         if ch.loss is not None:
             return [ch.loss], [torch.ones_like(ch.loss)]
-        nxt = self.s.next_stage(stage)
+        nxt = self._next(stage)
         diff = [o for o, m in zip(ch.outs, ch.out_meta) if m[2]]
-        if self.s.stage_rank[nxt] == self.rank:
+        if self.stage_rank[nxt] == self.rank:
             grads = self.local_grads.pop((nxt, mb))
         elif ("B", stage, mb) in self.groups:
             grads = self._group_part(("B", stage, mb))[1]
         else:
             grads = self.recvs.pop(("B", stage, mb)).wait(
-                f"receiving the output gradient for stage {stage} mb {mb}"
+                ("receiving the output gradient for stage %d mb %d", stage, mb)
             )
         return diff, list(grads)
 
@@ -321,7 +352,7 @@ class Engine:
 
     def _finish(self, stage: int, mb: int) -> Callable[[Any], Any]:
         """Stage output -> (outputs tuple, loss or None): the criterion runs on a chain's last stage."""
-        last = self.s.next_stage(stage) is None
+        last = self._next(stage) is None
         io = self.io
 
         def finish(out: Any) -> Any:
@@ -334,7 +365,8 @@ class Engine:
         return finish
 
     def _forward_steps(self, stage: int, mb: int, inputs: tuple):
-        return forward_steps(self.module_of[stage], inputs, self._finish(stage, mb), name=f"F{stage}.{mb}")
+        name = f"F{stage}.{mb}" if self.prof else None
+        return forward_steps(self.module_of[stage], inputs, self._finish(stage, mb), name=name)
 
     def _forward_now(self, stage: int, mb: int, inputs: tuple) -> ChunkGraph:
         """The forward of (stage, mb) to its end, without overlap (``forward_steps`` returns at once for
@@ -346,7 +378,7 @@ class Engine:
     ) -> None:
         outs, loss = graph.result
         graph.result = None
-        last = self.s.next_stage(stage) is None
+        last = self._next(stage) is None
         ch = _Chunk(inputs=inputs, needs_grad=needs, graph=graph, loss=loss)
         grad = torch.is_grad_enabled()
         if last:
@@ -368,8 +400,8 @@ class Engine:
                     )
             ch.outs = list(outs)
             ch.out_meta = [(tuple(o.shape), o.dtype, bool(o.requires_grad)) for o in outs]
-            nxt = self.s.next_stage(stage)
-            if self.s.stage_rank[nxt] == self.rank:
+            nxt = self._next(stage)
+            if self.stage_rank[nxt] == self.rank:
                 self.local_acts[(stage, mb)] = tuple(outs)
                 if not grad:
                     return
@@ -377,13 +409,16 @@ class Engine:
         if torch.is_grad_enabled():
             self.live += 1
             self.live_w += 1
-            self.peak, self.peak_w = max(self.peak, self.live), max(self.peak_w, self.live_w)
+            if self.live > self.peak:
+                self.peak = self.live
+            if self.live_w > self.peak_w:
+                self.peak_w = self.live_w
 
     def _backward_steps(self, stage: int, mb: int, split: bool):
         ch = self.chunks[(stage, mb)]
         outs, grads = self._b_grads(stage, mb, ch)
         fn = self.split if split else full_backward
-        return backward_steps(ch.graph, outs, grads, fn, name=f"B{stage}.{mb}")
+        return backward_steps(ch.graph, outs, grads, fn, name=f"B{stage}.{mb}" if self.prof else None)
 
     def _backward_now(self, stage: int, mb: int, split: bool) -> Callable[[], Any]:
         """Wait for the output gradients of (stage, mb) now; return its backward, run to its end
@@ -395,7 +430,8 @@ class Engine:
             return lambda: drive(steps)
         outs, grads = self._b_grads(stage, mb, ch)
         fn = self.split if split else full_backward
-        return lambda: backward_once(graph, outs, grads, fn, name=f"B{stage}.{mb}")
+        name = f"B{stage}.{mb}" if self.prof else None
+        return lambda: backward_once(graph, outs, grads, fn, name=name)
 
     def _after_backward(self, stage: int, mb: int, result, split: bool) -> None:
         ch = self.chunks[(stage, mb)]
@@ -405,8 +441,8 @@ class Engine:
             for x, need in zip(ch.inputs, ch.needs_grad)
         ]
         ch.graph, ch.outs, ch.loss, ch.inputs = None, [], None, ()
-        prv = self.s.prev_stage(stage)
-        if prv is not None and self.s.stage_rank[prv] == self.rank:
+        prv = self._prev(stage)
+        if prv is not None and self.stage_rank[prv] == self.rank:
             self.local_grads[(stage, mb)] = [g for g in ch.in_grads if g is not None]
             ch.in_grads = None
         elif prv is None:
@@ -429,7 +465,10 @@ class Engine:
     def _timed(self, a: Action, fn: Callable[[], None]) -> None:
         start = time.perf_counter()
         self.inner_wait = 0.0
-        with _span(f"dualpipe.{a}"):
+        if self.prof:
+            with torch.profiler.record_function(f"dualpipe.{a}"):
+                fn()
+        else:
             fn()
         end = time.perf_counter()
         # an F&B that waited for its backward half's gradient is drawn as starting that much later (the
@@ -486,13 +525,13 @@ class Engine:
 
     def _do_FB(self, a: Action) -> None:
         inputs, needs = self._f_inputs(a.stage, a.mb)
-        nxt = self.s.next_stage(a.stage)
+        nxt = self._next(a.stage)
         early = nxt is not None and ("F", nxt, a.mb) in self.early
 
         def forward_done(graph: ChunkGraph) -> None:
             self._after_forward(a.stage, a.mb, inputs, needs, graph)
             if early:  # the activation leaves now; the neighbour's next F&B needs it first
-                self._send_f(a.stage, a.mb, self.s.stage_rank[nxt])
+                self._send_f(a.stage, a.mb, self.stage_rank[nxt])
                 self.sent_early.add((a.stage, a.mb))
 
         def backward() -> Generator[str, None, Any]:
@@ -522,6 +561,19 @@ class Engine:
             and self.chunks[(a.stage2, a.mb2)].graph.pieces == 1
         )
         self._timed(a, run_direct if direct else run)
+
+
+class _RankPlan:
+    """What the engine derives from one rank's action list, once per schedule: per action its handler
+    and the local module whose weight gradients are complete after it (or None), and the fused B/W."""
+
+    def __init__(self, schedule: Schedule, rank: int):
+        self.fused = fused_backwards(schedule, rank)
+        done = _last_weight_actions(schedule, rank)
+        self.program = [
+            (getattr(Engine, "_do_" + a.op.value), a, done.get(i))
+            for i, a in enumerate(schedule.actions[rank])
+        ]
 
 
 def fused_backwards(schedule: Schedule, rank: int) -> frozenset[tuple[int, int]]:
