@@ -87,10 +87,6 @@ def _node(o: Tensor | GradientEdge):
     return o.node if isinstance(o, GradientEdge) else o.grad_fn
 
 
-def _is_leaf_node(node) -> bool:
-    return hasattr(node, "variable")
-
-
 class _Walk:
     """One pass over a chunk's graph: input path, W roots, their parameters, and reuse conflicts."""
 
@@ -99,55 +95,68 @@ class _Walk:
         self.weights: dict = {}  # node -> frozenset of parameter ids reachable from it
         self.params: dict[int, Tensor] = {}
         self.inputs_met: set[int] = set()
-        order = self._postorder(roots)
+        order, kids_of = self._postorder(roots)
+        reach_in, weights, empty = self.reach_in, self.weights, frozenset()
         for node in order:
-            if _is_leaf_node(node):
+            kids = kids_of[node]
+            if kids is None:  # a leaf (AccumulateGrad): a stage input or a parameter
                 v = node.variable
-                self.reach_in[node] = id(v) in input_ids
                 if id(v) in input_ids:
                     self.inputs_met.add(id(v))
+                    reach_in[node], weights[node] = True, empty
                 else:
                     self.params[id(v)] = v
-                self.weights[node] = frozenset() if id(v) in input_ids else frozenset((id(v),))
+                    reach_in[node], weights[node] = False, frozenset((id(v),))
                 continue
-            kids = [c for c, _ in node.next_functions if c is not None]
-            self.reach_in[node] = any(self.reach_in[c] for c in kids)
-            self.weights[node] = frozenset().union(*(self.weights[c] for c in kids)) if kids else frozenset()
+            r, w = False, empty
+            for c in kids:
+                r = r or reach_in[c]
+                if weights[c]:
+                    w = w | weights[c]
+            reach_in[node], weights[node] = r, w
         # W roots: input-path nodes with a weight-reaching child off the path
         self.w_roots: dict = {}  # node -> frozenset of its own parameter ids
         via_path: dict = {}  # node on P -> parameter ids owned by W roots below it on P
         for node in order:
-            if _is_leaf_node(node) or not self.reach_in[node]:
+            kids = kids_of[node]
+            if kids is None or not reach_in[node]:
                 continue
-            kids = [c for c, _ in node.next_functions if c is not None]
-            own = frozenset().union(*(self.weights[c] for c in kids if not self.reach_in[c]))
-            below = frozenset().union(
-                *(
-                    via_path.get(c, frozenset()) | self.w_roots.get(c, frozenset())
-                    for c in kids
-                    if self.reach_in[c]
-                )
-            )
+            own, below = empty, empty
+            for c in kids:
+                if reach_in[c]:
+                    if c in via_path:
+                        below = below | via_path[c]
+                    if c in self.w_roots:
+                        below = below | self.w_roots[c]
+                elif weights[c]:
+                    own = own | weights[c]
             via_path[node] = below
             if own:
                 self.w_roots[node] = own
         self.conflict = any(own & via_path[n] for n, own in self.w_roots.items())
 
     @staticmethod
-    def _postorder(roots: Sequence) -> list:
-        seen, order, stack = set(), [], [(r, False) for r in roots if r is not None]
+    def _postorder(roots: Sequence) -> tuple[list, dict]:
+        """Nodes children-first, and each node's children (None for a leaf), read once per node."""
+        kids_of: dict = {}
+        order: list = []
+        stack = [(r, False) for r in roots if r is not None]
         while stack:
             node, expanded = stack.pop()
             if expanded:
                 order.append(node)
                 continue
-            if node in seen:
+            if node in kids_of:
                 continue
-            seen.add(node)
+            if hasattr(node, "variable"):  # AccumulateGrad: a leaf tensor
+                kids_of[node] = None
+                order.append(node)
+                continue
+            kids = [c for c, _ in node.next_functions if c is not None]
+            kids_of[node] = kids
             stack.append((node, True))
-            if not _is_leaf_node(node):
-                stack.extend((c, False) for c, _ in node.next_functions if c is not None and c not in seen)
-        return order
+            stack.extend((c, False) for c in kids if c not in kids_of)
+        return order, kids_of
 
 
 class GenericSplit:
