@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -62,17 +62,20 @@ from dualpipe.trace import Event
 from dualpipe.weight_split import full_backward
 
 
-@dataclass
 class _Chunk:
-    inputs: tuple  # what the stage was called with (leaves where a gradient flows back)
-    needs_grad: list[bool]  # per input: a gradient must be sent back for it
-    graph: ChunkGraph | None = None
-    outs: list = field(default_factory=list)  # stage outputs; autograd edges once sent
-    out_meta: list = field(default_factory=list)  # (shape, dtype, requires_grad) per output
-    loss: Tensor | None = None
-    in_grads: list | None = None
-    w_work: list = field(default_factory=list)
-    pending: int = 0  # sends still holding this chunk
+    """One (stage, micro-batch) from its forward until its input gradients left and its W ran."""
+
+    __slots__ = ("inputs", "needs_grad", "graph", "outs", "out_meta", "loss", "in_grads", "w_work")
+
+    def __init__(self, inputs: tuple, needs_grad: list[bool], graph: ChunkGraph | None, loss: Tensor | None):
+        self.inputs = inputs  # what the stage was called with (leaves where a gradient flows back)
+        self.needs_grad = needs_grad  # per input: a gradient must be sent back for it
+        self.graph = graph
+        self.loss = loss
+        self.outs: list = []  # stage outputs; autograd edges once sent
+        self.out_meta: list[Meta] = []  # per output
+        self.in_grads: list | None = None
+        self.w_work: list = []
 
 
 @dataclass
@@ -226,7 +229,7 @@ class Engine:
         if self._grouped_recv(("B", a.stage, a.mb)):
             return
         ch = self.chunks[(a.stage, a.mb)]
-        metas = [Meta(shape, dtype, False) for shape, dtype, rg in ch.out_meta if rg]
+        metas = [Meta(m.shape, m.dtype, False) for m in ch.out_meta if m.requires_grad]
         tag = make_tag(KIND_B, a.stage, a.mb, 1)
         self.recvs[("B", a.stage, a.mb)] = RecvTensors(self.p2p, metas, a.peer, tag, self.device)
 
@@ -336,7 +339,7 @@ class Engine:
         if ch.loss is not None:
             return [ch.loss], [torch.ones_like(ch.loss)]
         nxt = self._next(stage)
-        diff = [o for o, m in zip(ch.outs, ch.out_meta) if m[2]]
+        diff = [o for o, m in zip(ch.outs, ch.out_meta) if m.requires_grad]
         if self.stage_rank[nxt] == self.rank:
             grads = self.local_grads.pop((nxt, mb))
         elif ("B", stage, mb) in self.groups:
@@ -379,7 +382,7 @@ class Engine:
         outs, loss = graph.result
         graph.result = None
         last = self._next(stage) is None
-        ch = _Chunk(inputs=inputs, needs_grad=needs, graph=graph, loss=loss)
+        ch = _Chunk(inputs, needs, graph, loss)
         grad = torch.is_grad_enabled()
         if last:
             if loss is not None:
@@ -399,7 +402,7 @@ class Engine:
                         f"stage {stage} output {i} is a {type(o).__name__}; boundaries carry tensors"
                     )
             ch.outs = list(outs)
-            ch.out_meta = [(tuple(o.shape), o.dtype, bool(o.requires_grad)) for o in outs]
+            ch.out_meta = [Meta(tuple(o.shape), o.dtype, o.requires_grad) for o in outs]
             nxt = self._next(stage)
             if self.stage_rank[nxt] == self.rank:
                 self.local_acts[(stage, mb)] = tuple(outs)
@@ -462,40 +465,41 @@ class Engine:
         if ch is not None and ch.graph is None and ch.in_grads is None and not ch.w_work:
             self.chunks.pop((stage, mb))
 
-    def _timed(self, a: Action, fn: Callable[[], None]) -> None:
+    def _timed(self, a: Action, fn: Callable[..., None], *args: Any) -> None:
+        """``fn(*args)`` as action ``a``: a timeline event (and a profiler span while one runs)."""
         start = time.perf_counter()
         self.inner_wait = 0.0
         if self.prof:
             with torch.profiler.record_function(f"dualpipe.{a}"):
-                fn()
+                fn(*args)
         else:
-            fn()
+            fn(*args)
         end = time.perf_counter()
         # an F&B that waited for its backward half's gradient is drawn as starting that much later (the
         # wait is bubble, not busy time)
         start += self.inner_wait
         self.events.append(
-            Event(self.rank, a.op.value, a.stage, a.mb, start - self.t0, end - self.t0, a.stage2, a.mb2)
+            Event(self.rank, a.op._value_, a.stage, a.mb, start - self.t0, end - self.t0, a.stage2, a.mb2)
         )
+
+    # The handlers hand bound methods and their arguments to ``_timed`` rather than closures: no
+    # function objects are made per action.
 
     def _do_F(self, a: Action) -> None:
         inputs, needs = self._f_inputs(a.stage, a.mb)
+        self._timed(a, self._run_f, a, inputs, needs)
 
-        def run() -> None:
-            graph = self._forward_now(a.stage, a.mb, inputs)
-            self._after_forward(a.stage, a.mb, inputs, needs, graph)
-
-        self._timed(a, run)
+    def _run_f(self, a: Action, inputs: tuple, needs: list[bool]) -> None:
+        self._after_forward(a.stage, a.mb, inputs, needs, self._forward_now(a.stage, a.mb, inputs))
 
     def _do_B(self, a: Action, split: bool = True) -> None:
         if a.op is Op.B and (a.stage, a.mb) in self.fused:
             split = False  # its W comes next: one full backward, without the split's extra passes
         backward = self._backward_now(a.stage, a.mb, split)  # waits for the gradients first
+        self._timed(a, self._run_b, a.stage, a.mb, backward, split)
 
-        def run() -> None:
-            self._after_backward(a.stage, a.mb, backward(), split)
-
-        self._timed(a, run)
+    def _run_b(self, stage: int, mb: int, backward: Callable[[], Any], split: bool) -> None:
+        self._after_backward(stage, mb, backward(), split)
 
     def _do_BW(self, a: Action) -> None:
         self._do_B(a, split=False)
@@ -504,16 +508,15 @@ class Engine:
         if (a.stage, a.mb) in self.fused:  # done by its B (a zero-length event keeps the timeline whole)
             self._timed(a, _nothing)
             return
-        ch = self.chunks[(a.stage, a.mb)]
+        self._timed(a, self._run_w, a.stage, a.mb)
 
-        def run() -> None:
-            for w in ch.w_work:
-                w()
-            ch.w_work = []
-            self.live_w -= 1
-            self._maybe_drop(a.stage, a.mb)
-
-        self._timed(a, run)
+    def _run_w(self, stage: int, mb: int) -> None:
+        ch = self.chunks[(stage, mb)]
+        for w in ch.w_work:
+            w()
+        ch.w_work = []
+        self.live_w -= 1
+        self._maybe_drop(stage, mb)
 
     def _waited(self, backward_of: Callable[..., Any], stage: int, mb: int) -> Any:
         """``backward_of(stage, mb, split=False)`` (it waits for the output gradient first); the wait is
@@ -527,12 +530,27 @@ class Engine:
         inputs, needs = self._f_inputs(a.stage, a.mb)
         nxt = self._next(a.stage)
         early = nxt is not None and ("F", nxt, a.mb) in self.early
+        direct = (
+            self.plain_overlap
+            and self.one_piece[a.stage]
+            and self.chunks[(a.stage2, a.mb2)].graph.pieces == 1
+        )
+        self._timed(a, self._fb_direct if direct else self._fb_overlapped, a, inputs, needs, early)
 
-        def forward_done(graph: ChunkGraph) -> None:
-            self._after_forward(a.stage, a.mb, inputs, needs, graph)
-            if early:  # the activation leaves now; the neighbour's next F&B needs it first
-                self._send_f(a.stage, a.mb, self.stage_rank[nxt])
-                self.sent_early.add((a.stage, a.mb))
+    def _fb_forward_done(self, a: Action, inputs: tuple, needs: list[bool], early: bool, graph) -> None:
+        self._after_forward(a.stage, a.mb, inputs, needs, graph)
+        if early:  # the activation leaves now; the neighbour's next F&B needs it first
+            self._send_f(a.stage, a.mb, self.stage_rank[self._next(a.stage)])
+            self.sent_early.add((a.stage, a.mb))
+
+    def _fb_direct(self, a: Action, inputs: tuple, needs: list[bool], early: bool) -> None:
+        """One piece each, forward then backward: what the built-in overlap functions would do."""
+        self._fb_forward_done(a, inputs, needs, early, self._forward_now(a.stage, a.mb, inputs))
+        backward = self._waited(self._backward_now, a.stage2, a.mb2)
+        self._after_backward(a.stage2, a.mb2, backward(), split=False)
+
+    def _fb_overlapped(self, a: Action, inputs: tuple, needs: list[bool], early: bool) -> None:
+        """The two halves as step iterators, driven by the pipeline's overlap function."""
 
         def backward() -> Generator[str, None, Any]:
             # the output gradient is awaited only when the backward half starts (after the forward
@@ -540,27 +558,17 @@ class Engine:
             steps = self._waited(self._backward_steps, a.stage2, a.mb2)
             return (yield from steps)
 
-        def run_direct() -> None:  # one piece each, forward then backward: what the overlap would do
-            forward_done(self._forward_now(a.stage, a.mb, inputs))
-            backward = self._waited(self._backward_now, a.stage2, a.mb2)
-            self._after_backward(a.stage2, a.mb2, backward(), split=False)
-
-        def run() -> None:
-            f = _Tracked(self._forward_steps(a.stage, a.mb, inputs), on_done=forward_done)
-            b = _Tracked(backward())
-            self.overlap(f, b)
-            if not (f.done and b.done):
-                raise RuntimeError(
-                    f"overlap function {self.overlap!r} returned before both halves of {a} finished"
-                )
-            self._after_backward(a.stage2, a.mb2, b.value, split=False)
-
-        direct = (
-            self.plain_overlap
-            and self.one_piece[a.stage]
-            and self.chunks[(a.stage2, a.mb2)].graph.pieces == 1
+        f = _Tracked(
+            self._forward_steps(a.stage, a.mb, inputs),
+            on_done=lambda graph: self._fb_forward_done(a, inputs, needs, early, graph),
         )
-        self._timed(a, run_direct if direct else run)
+        b = _Tracked(backward())
+        self.overlap(f, b)
+        if not (f.done and b.done):
+            raise RuntimeError(
+                f"overlap function {self.overlap!r} returned before both halves of {a} finished"
+            )
+        self._after_backward(a.stage2, a.mb2, b.value, split=False)
 
 
 class _RankPlan:
