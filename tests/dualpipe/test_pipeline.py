@@ -153,8 +153,12 @@ def _rank_two(rank, world):
     train_timeline = list(a.timeline)
     gathered = gather_timeline(a)  # every rank's events on pipeline rank 0
     n_compute = len(a.schedule(4).compute_actions(rank))
-    # the same pipeline without coalesced messages
-    rc = _train(_build("dualpipev", world, rank, "generic", coalesce=False), 5)
+    # the same pipeline without coalesced messages ...
+    pc = _build("dualpipev", world, rank, "generic", coalesce=False)
+    # and with the per-action polling of sends that NCCL gets (gloo's sends never report completion
+    # before they are waited: the polling reaps nothing here, but its path runs)
+    pc.p2p.completes_early = True
+    rc = _train(pc, 5)
     # ... and with F&B activations sent after the action (coalesced with the gradient) instead of early
     rl = _train(_build("dualpipev", world, rank, "generic", early=False), 5)
     # early_send="auto" with short limits: 2 untimed steps (early, coalesced), 2 timed blocks (early,
