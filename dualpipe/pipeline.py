@@ -135,7 +135,7 @@ class Pipeline(nn.Module):
         params = [p for m in mods for p in m.parameters()]
         self.device = params[0].device if params else torch.device("cpu")
         self._schedules: dict[tuple[int, bool], Schedule] = {}
-        self._rank_plans: dict = {}  # (schedule id, rank) -> runtime._RankPlan
+        self._rank_plans: dict = {}  # per schedule (by id): runtime._RankPlan, this rank's first/last mbs
         self.coalesce = coalesce
         tuner = early_send if isinstance(early_send, EarlySendTuner) else None
         if tuner is not None:
@@ -336,6 +336,15 @@ class Pipeline(nn.Module):
     # ---------------------------------------------------------------------------------------------------
     # step
 
+    def _ends(self, s: Schedule, num_chunks: int) -> tuple[list[int], list[int]]:
+        """Micro-batches whose first stage (inputs) and whose last stage (losses) run on this rank."""
+        key = (id(s), "ends")
+        if key not in self._rank_plans:
+            first = [m for m in range(num_chunks) if s.stage_rank[s.chains[s.mb_chain[m]][0]] == self.rank]
+            last = [m for m in range(num_chunks) if s.stage_rank[s.chains[s.mb_chain[m]][-1]] == self.rank]
+            self._rank_plans[key] = (first, last)
+        return self._rank_plans[key]
+
     def _split(self, tensors: Sequence[Any], num_chunks: int, what: str) -> list[tuple]:
         parts = []
         for i, t in enumerate(tensors):
@@ -349,7 +358,7 @@ class Pipeline(nn.Module):
                     f"least num_chunks={num_chunks} samples"
                 )
             parts.append(torch.tensor_split(t, num_chunks, dim=self.batch_dim))
-        return [tuple(p[m] for p in parts) for m in range(num_chunks)]
+        return list(zip(*parts))
 
     def step(
         self,
@@ -362,9 +371,7 @@ class Pipeline(nn.Module):
         """Run one pipelined step over ``num_chunks`` micro-batches (see the module docstring)."""
         grad = torch.is_grad_enabled()
         sched = self.schedule(num_chunks, forward=not grad)
-        s = sched
-        first = [m for m in range(num_chunks) if s.stage_rank[s.chains[s.mb_chain[m]][0]] == self.rank]
-        last = [m for m in range(num_chunks) if s.stage_rank[s.chains[s.mb_chain[m]][-1]] == self.rank]
+        first, last = self._ends(sched, num_chunks)
         name = type(self).__name__
         mb_inputs: dict[int, tuple] = {}
         if first:
