@@ -286,11 +286,7 @@ def forward_once(
     """The forward of a chunk of one piece (a module without ``forward_pieces``): what
     ``forward_steps`` returns for it, without a step iterator."""
     graph = ChunkGraph([_Segment(tuple(t for t in inputs if isinstance(t, Tensor) and t.requires_grad))])
-    if name is None:  # no profiler: no span
-        out = module(*inputs)
-        graph.result = finish(out) if finish is not None else out
-        return graph
-    with _span(name + ".piece0"):
+    with _span(_sub(name, ".piece0")):
         out = module(*inputs)
         graph.result = finish(out) if finish is not None else out
     return graph
@@ -389,11 +385,8 @@ def _segment_backward(
     if not pairs:
         return
     # nothing upstream needs a gradient when ``leaves`` is empty: weights only
-    if span is None:  # no profiler: no span
+    with _span(span):
         got, w = backward([o for o, _ in pairs], [g for _, g in pairs], list(leaves), retain)
-    else:
-        with _span(span):
-            got, w = backward([o for o, _ in pairs], [g for _, g in pairs], list(leaves), retain)
     for t, g in zip(leaves, got):
         if g is not None:
             acc[id(t)] = acc[id(t)] + g if id(t) in acc else g

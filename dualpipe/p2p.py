@@ -274,6 +274,10 @@ def _layout(metas: tuple[Meta, ...], base: int) -> tuple[tuple[int, ...], tuple[
     return tuple(offs), tuple(sizes), _align(off)
 
 
+def _packed_size(metas: Sequence[Meta], base: int) -> int:
+    return _layout(tuple(metas), base)[2]
+
+
 _ZEROS: dict[torch.device, Tensor] = {}  # per device: HEADER_BYTES zero bytes, sliced for padding
 
 
@@ -350,7 +354,7 @@ class PendingRecv:
         self.cache = cache if cache is not None else {}
         self.device = device
         self.expected: list[Meta] | None = self.cache.get(self.key)
-        size = _layout(tuple(self.expected), HEADER_BYTES)[2] if self.expected is not None else HEADER_BYTES
+        size = _packed_size(self.expected, HEADER_BYTES) if self.expected is not None else HEADER_BYTES
         self.buf0 = torch.empty(size, dtype=torch.uint8, device=device)
         self.w0 = p2p.irecv(self.buf0, peer, make_tag(kind, stage, mb, 0))
         self.buf1: Tensor | None = None
@@ -371,7 +375,7 @@ class PendingRecv:
         fields, self.metas = decode_header(self.buf0[:HEADER_BYTES].view(torch.int64))
         self.fields, self.fresh = fields[:-1], bool(fields[-1])
         if self.fresh:
-            size = _layout(tuple(self.metas), HEADER_BYTES)[2]
+            size = _packed_size(self.metas, HEADER_BYTES)
             self.buf1 = torch.empty(size, dtype=torch.uint8, device=self.device)
             self.w1 = self.p2p.irecv(self.buf1, self.peer, make_tag(self.kind, self.stage, self.mb, 1))
         elif self.metas != self.expected:
@@ -423,7 +427,7 @@ def send_boundary(
         buf = pack(tensors, header, device)
         out = [(p2p.isend(buf, peer, tag0), buf)]
     else:
-        size = _layout(tuple(prev), HEADER_BYTES)[2] if prev is not None else HEADER_BYTES
+        size = _packed_size(prev, HEADER_BYTES) if prev is not None else HEADER_BYTES
         first = torch.zeros(size, dtype=torch.uint8, device=device)
         first[:HEADER_BYTES] = _header_bytes(header, device)  # the header alone, at the posted size
         data = pack(tensors, header, device)
@@ -441,7 +445,7 @@ class RecvTensors:
             m = self.metas[0]
             self.buf = torch.empty(m.shape, dtype=m.dtype, device=device)
         else:
-            self.buf = torch.empty(_layout(tuple(self.metas), 0)[2], dtype=torch.uint8, device=device)
+            self.buf = torch.empty(_packed_size(self.metas, 0), dtype=torch.uint8, device=device)
         self.work = p2p.irecv(self.buf, peer, tag) if self.metas else None
 
     def wait(self, what: str | tuple) -> list[Tensor]:

@@ -52,7 +52,7 @@ from dualpipe.coalesce import early_sends, message_groups
 from dualpipe.grads import MirrorExchange, allreduce_dp, sum_mirror_grads, sum_tied_local, sum_tied_remote
 from dualpipe.overlap import OverlapFn, interleave
 from dualpipe.p2p import KIND_X, P2P, PeerError, make_tag
-from dualpipe.runtime import Engine, StepIO
+from dualpipe.runtime import Engine, RankPlan, StepIO
 from dualpipe.schedules import Schedule, build, forward_only
 from dualpipe.simulate import Costs, SimResult, StageCosts, simulate
 from dualpipe.trace import Event
@@ -135,7 +135,7 @@ class Pipeline(nn.Module):
         params = [p for m in mods for p in m.parameters()]
         self.device = params[0].device if params else torch.device("cpu")
         self._schedules: dict[tuple[int, bool], Schedule] = {}
-        self._rank_plans: dict = {}  # per schedule (by id): runtime._RankPlan, this rank's first/last mbs
+        self._rank_plans: dict[int, RankPlan] = {}  # id(schedule) -> what this rank derives from it
         self.coalesce = coalesce
         tuner = early_send if isinstance(early_send, EarlySendTuner) else None
         if tuner is not None:
@@ -336,15 +336,6 @@ class Pipeline(nn.Module):
     # ---------------------------------------------------------------------------------------------------
     # step
 
-    def _ends(self, s: Schedule, num_chunks: int) -> tuple[list[int], list[int]]:
-        """Micro-batches whose first stage (inputs) and whose last stage (losses) run on this rank."""
-        key = (id(s), "ends")
-        if key not in self._rank_plans:
-            first = [m for m in range(num_chunks) if s.stage_rank[s.chains[s.mb_chain[m]][0]] == self.rank]
-            last = [m for m in range(num_chunks) if s.stage_rank[s.chains[s.mb_chain[m]][-1]] == self.rank]
-            self._rank_plans[key] = (first, last)
-        return self._rank_plans[key]
-
     def _split(self, tensors: Sequence[Any], num_chunks: int, what: str) -> list[tuple]:
         parts = []
         for i, t in enumerate(tensors):
@@ -371,7 +362,10 @@ class Pipeline(nn.Module):
         """Run one pipelined step over ``num_chunks`` micro-batches (see the module docstring)."""
         grad = torch.is_grad_enabled()
         sched = self.schedule(num_chunks, forward=not grad)
-        first, last = self._ends(sched, num_chunks)
+        plan = self._rank_plans.get(id(sched))  # the schedules are kept by self.schedule(): ids stay
+        if plan is None:
+            plan = self._rank_plans[id(sched)] = RankPlan(sched, self.rank)
+        first, last = plan.first, plan.last
         name = type(self).__name__
         mb_inputs: dict[int, tuple] = {}
         if first:
@@ -418,7 +412,7 @@ class Pipeline(nn.Module):
             groups,
             early_keys,
             mirror.start if mirror is not None else None,
-            self._rank_plans,
+            plan,
         )
         res = engine.run(io)
         t_engine = time.perf_counter() - t0

@@ -104,7 +104,7 @@ class Engine:
         groups: dict | None = None,
         early: frozenset = frozenset(),
         on_weights_done: Callable[[int], None] | None = None,
-        plans: dict | None = None,
+        plan: RankPlan | None = None,
     ):
         self.s = schedule
         self._next, self._prev = schedule._next.get, schedule._prev.get  # stage -> neighbour stage or None
@@ -121,15 +121,8 @@ class Engine:
         self.early = early  # activations sent from inside an F&B action (dualpipe.coalesce.early_sends)
         # on_weights_done(local index) right after the last action that adds to that module's gradients
         self.on_weights_done = on_weights_done
-        # what depends on the schedule alone is derived once per schedule (``plans``: a cache the
-        # pipeline keeps across steps, keyed by the schedule object it also keeps)
-        key = (id(schedule), self.rank)
-        plan = plans.get(key) if plans is not None else None
-        if plan is None:
-            plan = _RankPlan(schedule, self.rank)
-            if plans is not None:
-                plans[key] = plan
-        self.plan = plan
+        # what depends on the schedule alone (the pipeline derives it once per schedule and keeps it)
+        self.plan = plan if plan is not None else RankPlan(schedule, self.rank)
         self.fused = plan.fused
         # Stages whose module has no communication points run as one piece; with an overlap function
         # that runs such an F&B as forward then backward (both built-in ones do), the F&B is called
@@ -571,11 +564,16 @@ class Engine:
         self._after_backward(a.stage2, a.mb2, b.value, split=False)
 
 
-class _RankPlan:
-    """What the engine derives from one rank's action list, once per schedule: per action its handler
-    and the local module whose weight gradients are complete after it (or None), and the fused B/W."""
+class RankPlan:
+    """What one rank derives from a schedule, once: per action its handler and the local module whose
+    weight gradients are complete after it (or None), the fused B/W, and the micro-batches whose chain
+    starts (inputs) and ends (losses) on this rank."""
 
     def __init__(self, schedule: Schedule, rank: int):
+        s = schedule
+        mbs = range(s.num_microbatches)
+        self.first = [m for m in mbs if s.stage_rank[s.chains[s.mb_chain[m]][0]] == rank]
+        self.last = [m for m in mbs if s.stage_rank[s.chains[s.mb_chain[m]][-1]] == rank]
         self.fused = fused_backwards(schedule, rank)
         done = _last_weight_actions(schedule, rank)
         self.program = [
